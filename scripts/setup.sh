@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates .venv with a Python >= 3.12 (mitmproxy 12 needs it) and installs keycourier with its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python_is_new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
+
+find_python() {
+    local candidate
+    for candidate in "${KEYCOURIER_PYTHON:-}" python3.13 python3.12 python3 \
+        $( (command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.1[2-9]*/bin/python3 2>/dev/null) | sort -rV); do
+        [ -n "$candidate" ] || continue
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        if python_is_new_enough "$candidate"; then command -v "$candidate"; return 0; fi
+    done
+    return 1
+}
+
+if [ ! -x .venv/bin/python ] || ! python_is_new_enough .venv/bin/python; then
+    if ! python=$(find_python); then
+        echo "setup: keycourier needs Python 3.12 or newer (mitmproxy 12 requires it) and none was found." >&2
+        echo "setup: install one (e.g. 'pyenv install 3.12') or point KEYCOURIER_PYTHON at it." >&2
+        exit 1
+    fi
+    echo "setup: creating .venv with $python ($("$python" --version))"
+    rm -rf .venv
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+# The embedded default policy encrypts with a local file key; make one on first set-up (never committed).
+if [ ! -f keys/dev.key ]; then
+    .venv/bin/keycourier keygen keys/dev.key
+fi
+echo "setup: ready ($(.venv/bin/python --version))"
