@@ -1,0 +1,132 @@
+"""The mitmproxy addon: adapts mitmproxy's hooks to proxy.pipeline. No decisions are made here."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, exceptions, http
+
+from proxy import pipeline
+from proxy.keys import Secrets
+from proxy.message import Request
+from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
+from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, redact_headers
+
+log = logging.getLogger("keycourier")
+
+POLICY_POLL_SECONDS = 1.0
+
+
+class KeyCourier:
+    def __init__(self, secrets: Secrets | None = None):
+        self.secrets = secrets or Secrets()
+        self.policy_file: PolicyFile | None = None
+        self._watcher: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
+
+    def configure(self, updated):
+        if "keycourier_policies" not in updated:
+            return
+        try:
+            self.policy_file = PolicyFile(ctx.options.keycourier_policies)
+        except PolicyError as exc:
+            raise exceptions.OptionsError(f"invalid policy: {exc}") from None
+        self._policy_took_effect()
+
+    def running(self):
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_policy())
+
+    def done(self):
+        if self._watcher:
+            self._watcher.cancel()
+
+    async def _watch_policy(self):
+        while True:
+            await asyncio.sleep(POLICY_POLL_SECONDS)
+            result = await asyncio.to_thread(self.policy_file.reload_if_changed)
+            if isinstance(result, PolicyError):
+                log.error(f"policy reload refused, the previous policy stays in force: {result}")
+            elif result:
+                self._policy_took_effect()
+
+    def _policy_took_effect(self):
+        policy = self.policy_file.current
+        # Only the policy's endpoints are intercepted; every other host is tunnelled untouched.
+        ctx.options.update(allow_hosts=endpoint_host_regexes(policy) or [r"^$"])
+        log.info(f"policy {policy.source} in force: {len(policy.rules)} rules, {len(policy.endpoints)} endpoints")
+
+    async def requestheaders(self, flow: http.HTTPFlow):
+        if flow.response or flow.error or not flow.live:
+            return
+        request = plain_request(flow.request)
+        decision = await asyncio.to_thread(
+            pipeline.handle_request, request, client_tls=flow.client_conn.tls_established,
+            policy=self.policy_file.current, secrets=self.secrets,
+        )
+        flow.metadata["keycourier"] = decision
+        if isinstance(decision, pipeline.Refuse):
+            body = b"" if request.method == "HEAD" else decision.body
+            flow.response = http.Response.make(decision.refusal.status, body, {
+                "content-type": decision.content_type,
+                "x-keycourier-error": decision.refusal.message,
+            })
+        elif decision.request != request:
+            apply_request(flow.request, decision.request)
+        if not flow.response:
+            flow.request.stream = decision.body or True
+        if decision.audit.provider:
+            log.info(audit_line(request, decision.audit))
+
+    def responseheaders(self, flow: http.HTTPFlow):
+        self._scrub(flow)
+        decision = flow.metadata.get("keycourier")
+        if not isinstance(decision, pipeline.Forward) or flow.response.stream:
+            return
+        # Provider errors are small and their code is in the body: keep them whole to explain them.
+        is_small_error = flow.response.status_code >= 400 and int(flow.response.headers.get("content-length", "0") or 0) <= ERROR_BODY_LIMIT
+        flow.response.stream = not is_small_error
+
+    def response(self, flow: http.HTTPFlow):
+        decision = flow.metadata.get("keycourier")
+        if isinstance(decision, pipeline.Forward) and decision.audit.provider and flow.response.status_code >= 400:
+            explanation = explain_upstream_error(decision.audit, flow.response.status_code, flow.response.content or b"")
+            if explanation:
+                log.warning(explanation)
+
+    def error(self, flow: http.HTTPFlow):
+        self._scrub(flow)
+
+    @staticmethod
+    def _scrub(flow: http.HTTPFlow):
+        """Once sent, key headers are replaced by a marker, so no log or saved flow holds them."""
+        decision = flow.metadata.get("keycourier")
+        if isinstance(decision, pipeline.Forward) and decision.secret_headers:
+            flow.request.headers = http.Headers(_encode(redact_headers(plain_request(flow.request).headers, decision.secret_headers)))
+        if flow.response:
+            flow.response.headers = http.Headers(_encode(redact_headers(tuple(flow.response.headers.items(multi=True)), pipeline.SECRET_HEADERS)))
+
+
+def plain_request(request: http.Request) -> Request:
+    headers = tuple(request.headers.items(multi=True))
+    if "host" not in request.headers and request.host_header:
+        headers = (("host", request.host_header),) + headers  # HTTP/2 carries it as :authority
+    return Request(request.method, request.scheme, request.host, request.port, request.path, headers)
+
+
+def apply_request(request: http.Request, plain: Request) -> None:
+    request.path = plain.target
+    request.headers = http.Headers(_encode(plain.headers))
+
+
+def _encode(headers) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape")) for k, v in headers]
+
+
+def audit_line(request: Request, audit: pipeline.Audit) -> str:
+    key = f" key={audit.key} {audit.key_version} md5={audit.key_fingerprint}" if audit.key else ""
+    reason = f" reason={audit.reason}" if audit.reason else ""
+    return (f"{request.method} {audit.provider} bucket={audit.bucket} op={audit.operation} "
+            f"rule={audit.rule} action={audit.action}{key} -> {audit.outcome}{reason}")

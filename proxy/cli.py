@@ -1,0 +1,133 @@
+"""The `keycourier` command: run the proxy, check a policy, show the CA, make a key."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from proxy.policy import PolicyError, load_policy
+
+DEFAULT_CONFDIR = Path("~/.keycourier").expanduser()
+CA_CERT_NAME = "mitmproxy-ca-cert.pem"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keycourier", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start the proxy")
+    run.add_argument("--policies", required=True, type=Path, help="policy file (policies.yaml)")
+    run.add_argument("--listen-host", default="127.0.0.1")
+    run.add_argument("--listen-port", type=int, default=8080)
+    run.add_argument("--mode", default="regular", help="regular (HTTPS_PROXY) or reverse:https://upstream")
+    run.add_argument("--upstream-ca", type=Path, help="PEM CA trusted for upstreams, in addition to the system's")
+    run.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="where the interception CA lives")
+    run.add_argument("--save-flows", type=Path, help="write flows (key headers redacted) to this file")
+    run.set_defaults(command=_run)
+
+    check = commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(command=_check)
+
+    ca = commands.add_parser("ca", help="print the path of the CA certificate clients must trust")
+    ca.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR)
+    ca.set_defaults(command=_ca)
+
+    keygen = commands.add_parser("keygen", help="write a new random 256-bit key file (mode 600)")
+    keygen.add_argument("file", type=Path)
+    keygen.set_defaults(command=_keygen)
+    return parser
+
+
+def _check(args) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for line in policy.summary():
+        print(line)
+    return 0
+
+
+def _ca(args) -> int:
+    print(ensure_ca(args.confdir))
+    return 0
+
+
+def ensure_ca(confdir: Path) -> Path:
+    """The CA certificate's path, creating the CA on first use (its private key stays in confdir)."""
+    from mitmproxy import certs
+
+    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    certs.CertStore.from_store(confdir, "mitmproxy", 2048)
+    return confdir / CA_CERT_NAME
+
+
+def _keygen(args) -> int:
+    from proxy.keys import generate_key_file
+
+    try:
+        generate_key_file(args.file)
+    except FileExistsError:
+        print(f"keycourier: {args.file} exists; not overwriting a key", file=sys.stderr)
+        return 1
+    print(f"keycourier: wrote a new key to {args.file} (mode 600)")
+    return 0
+
+
+def _run(args) -> int:
+    from proxy.tls import upstream_trust_bundle
+
+    try:
+        load_policy(args.policies)
+    except PolicyError as exc:
+        print(f"keycourier: invalid policy: {exc}", file=sys.stderr)
+        return 1
+    ensure_ca(args.confdir)
+    options = {
+        "listen_host": args.listen_host,
+        "listen_port": args.listen_port,
+        "mode": [args.mode],
+        "confdir": str(args.confdir),
+        # Upstream certificates are always verified; --upstream-ca only adds trust.
+        "ssl_verify_upstream_trusted_ca": str(upstream_trust_bundle(args.confdir, args.upstream_ca)),
+        # Reverse mode: keep the Host the client signed; the pipeline sets the upstream's and re-signs.
+        "keep_host_header": True,
+        "keycourier_policies": str(args.policies),
+    }
+    if args.save_flows:
+        options["save_stream_file"] = str(args.save_flows)
+    return asyncio.run(_serve(options))
+
+
+async def _serve(options: dict) -> int:
+    from mitmproxy import addons as mitmproxy_addons
+    from mitmproxy import master, optmanager
+    from mitmproxy.addons import dumper, errorcheck, keepserving
+    from mitmproxy.options import Options
+
+    from addons.keycourier import KeyCourier
+
+    proxy = master.Master(Options(), event_loop=asyncio.get_running_loop())
+    # keycourier first: it scrubs key headers before any other addon (save, dumper) sees a flow.
+    proxy.addons.add(KeyCourier())
+    proxy.addons.add(*mitmproxy_addons.default_addons())
+    proxy.addons.add(dumper.Dumper(), keepserving.KeepServing(), errorcheck.ErrorCheck())
+    try:
+        proxy.options.update(**options)
+    except optmanager.exceptions.OptionsError as exc:
+        print(f"keycourier: {exc}", file=sys.stderr)
+        return 1
+    await proxy.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

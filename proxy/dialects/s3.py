@@ -1,0 +1,131 @@
+"""Amazon S3: which request is which operation, and the SSE-C headers (docs/s3.md)."""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+from xml.sax.saxutils import escape
+
+from proxy.dialects import BadRequest, Operation
+from proxy.keys import Key
+from proxy.message import Request
+
+PROVIDER = "s3"
+
+SSE_C_PREFIX = "x-amz-server-side-encryption-customer-"
+COPY_SOURCE_SSE_C_PREFIX = "x-amz-copy-source-server-side-encryption-customer-"
+SECRET_HEADERS = (SSE_C_PREFIX + "key", COPY_SOURCE_SSE_C_PREFIX + "key")
+
+# Operations that accept SSE-C key headers (S3 API reference, each operation's request headers).
+KEY_OPERATIONS = frozenset({
+    "PutObject", "GetObject", "HeadObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy",
+    "CopyObject", "GetObjectAttributes", "SelectObjectContent",
+})
+COPY_OPERATIONS = frozenset({"CopyObject", "UploadPartCopy"})
+
+# <bucket>.s3[.-<region>|.dualstack|-accelerate...].amazonaws.com[.cn]
+_VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
+
+# Object sub-resources that name another operation than the plain verb does, by method.
+_OBJECT_SUBRESOURCES = {
+    "GET": {"uploadId": "ListParts", "attributes": "GetObjectAttributes", "tagging": "GetObjectTagging",
+            "acl": "GetObjectAcl", "retention": "GetObjectRetention", "legal-hold": "GetObjectLegalHold",
+            "torrent": "GetObjectTorrent"},
+    "PUT": {"tagging": "PutObjectTagging", "acl": "PutObjectAcl", "retention": "PutObjectRetention",
+            "legal-hold": "PutObjectLegalHold"},
+    "POST": {"uploads": "CreateMultipartUpload", "uploadId": "CompleteMultipartUpload",
+             "select": "SelectObjectContent", "restore": "RestoreObject"},
+    "DELETE": {"uploadId": "AbortMultipartUpload", "tagging": "DeleteObjectTagging"},
+}
+_OBJECT_VERBS = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject"}
+_BUCKET_VERBS = {"GET": "ListObjects", "HEAD": "HeadBucket", "PUT": "CreateBucket", "DELETE": "DeleteBucket"}
+
+
+def classify(request: Request) -> Operation:
+    bucket, object_key = _bucket_and_key(request)
+    params = {name for name, _ in request.query}
+    method = request.method.upper()
+    if bucket is None:
+        name = "ListBuckets" if method == "GET" else f"Service{method.title()}"
+    elif object_key is None:
+        name = _bucket_operation(method, params)
+    else:
+        name = _object_operation(method, params, request)
+    copy_source = _copy_source(request) if name in COPY_OPERATIONS else None
+    return Operation(PROVIDER, name, bucket, object_key, copy_source, takes_key=name in KEY_OPERATIONS)
+
+
+def _bucket_and_key(request: Request) -> tuple[str | None, str | None]:
+    path = unquote(request.path)
+    virtual = _VIRTUAL_HOSTED.match(request.host)
+    if virtual:
+        return virtual["bucket"], path.removeprefix("/") or None
+    # Path style: /bucket/key. Custom endpoints and IP addresses are always path style.
+    bucket, _, object_key = path.removeprefix("/").partition("/")
+    return bucket or None, object_key or None
+
+
+def _bucket_operation(method: str, params: set[str]) -> str:
+    if method == "POST" and "delete" in params:
+        return "DeleteObjects"
+    if method == "GET" and "uploads" in params:
+        return "ListMultipartUploads"
+    if method == "GET" and "versions" in params:
+        return "ListObjectVersions"
+    if method == "GET" and params & {"list-type"}:
+        return "ListObjectsV2"
+    subresource = sorted(params - {"list-type", "prefix", "delimiter", "max-keys", "marker", "encoding-type",
+                                   "continuation-token", "start-after", "fetch-owner", "x-id"})
+    if subresource:
+        return f"{method.title()}Bucket{subresource[0].title().replace('-', '')}"
+    return _BUCKET_VERBS.get(method, f"Bucket{method.title()}")
+
+
+def _object_operation(method: str, params: set[str], request: Request) -> str:
+    for param, name in _OBJECT_SUBRESOURCES.get(method, {}).items():
+        if param in params:
+            return name
+    if method == "PUT" and "partNumber" in params and "uploadId" in params:
+        return "UploadPartCopy" if request.header("x-amz-copy-source") else "UploadPart"
+    if method == "PUT" and request.header("x-amz-copy-source"):
+        return "CopyObject"
+    return _OBJECT_VERBS.get(method, f"Object{method.title()}")
+
+
+def _copy_source(request: Request) -> tuple[str, str]:
+    """x-amz-copy-source: [/]bucket/key[?versionId=v], URL-encoded."""
+    source = unquote(request.header("x-amz-copy-source").split("?", 1)[0]).lstrip("/")
+    bucket, _, object_key = source.partition("/")
+    if not bucket or not object_key or bucket.startswith("arn:"):
+        raise BadRequest(f"x-amz-copy-source {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
+    return bucket, object_key
+
+
+def client_key_headers(request: Request) -> list[str]:
+    """SSE-C headers the client sent itself."""
+    return sorted({name.lower() for name, _ in request.headers
+                   if name.lower().startswith((SSE_C_PREFIX, COPY_SOURCE_SSE_C_PREFIX))})
+
+
+def render_key(request: Request, key: Key | None, source_key: Key | None) -> tuple[Request, list[str]]:
+    """The request with SSE-C headers for `key` (object) and `source_key` (copy source); the names added."""
+    headers: dict[str, str] = {}
+    for prefix, given in ((SSE_C_PREFIX, key), (COPY_SOURCE_SSE_C_PREFIX, source_key)):
+        if given:
+            headers[prefix + "algorithm"] = "AES256"
+            headers[prefix + "key"] = given.b64
+            headers[prefix + "key-MD5"] = given.md5_b64
+    return request.with_header_map(headers), [name.lower() for name in headers]
+
+
+def error_body(code: str, message: str) -> tuple[str, bytes]:
+    """An S3-style XML error, which SDKs surface as code and message."""
+    xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>'
+    return "application/xml", xml.encode()
+
+
+def explain_error(status: int, code: str | None, body: bytes, audit) -> str | None:
+    """Plain words for S3 refusals whose cause is the bucket's setup, not keycourier."""
+    if status == 403 and audit.key and b"SSE-C" in body or (status == 403 and audit.key and code == "AccessDenied" and b"customer" in body.lower()):
+        return ("the bucket blocks SSE-C writes (AWS blocks them by default on buckets created since April 2026); "
+                "allow SSE-C in the bucket's default encryption configuration (BlockedEncryptionTypes) to use keycourier's encrypt rule")
+    return None

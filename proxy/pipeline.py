@@ -1,0 +1,164 @@
+"""One request through keycourier: classify → match policy → check TLS → get key → render dialect → re-sign → forward.
+
+Each step is a function named after it. A step that must stop the request raises `Refused`; nothing
+is forwarded then. Everything here works on plain `Request` values, so it is tested without a proxy.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from types import ModuleType
+
+from proxy.dialects import BadRequest, Operation
+from proxy.dialects import s3 as s3_dialect
+from proxy.keys import Key, KeyUnavailable, Secrets
+from proxy.message import Request
+from proxy.policy import Policy, Rule
+from proxy.refusals import Refusal, Refused
+from proxy.signers import s3 as s3_signer
+from proxy.tls import check_tls
+
+DIALECTS: dict[str, ModuleType] = {"s3": s3_dialect}
+SIGNERS: dict[str, ModuleType] = {"s3": s3_signer}
+SECRET_HEADERS = tuple(name for dialect in DIALECTS.values() for name in dialect.SECRET_HEADERS)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What was decided, for the log: names and fingerprints only, never key material."""
+
+    provider: str | None = None
+    bucket: str | None = None
+    operation: str | None = None
+    rule: str | None = None
+    action: str | None = None
+    key: str | None = None
+    key_version: str | None = None
+    key_fingerprint: str | None = None
+    outcome: str = "forwarded"
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    request: Request
+    body: Callable[[bytes], bytes] | None = None  # stream transform of the request body, if it must change
+    secret_headers: tuple[str, ...] = ()  # header names to redact once sent
+    audit: Audit = field(default_factory=Audit)
+
+
+@dataclass(frozen=True)
+class Refuse:
+    refusal: Refusal
+    content_type: str
+    body: bytes
+    audit: Audit
+
+
+def handle_request(request: Request, *, client_tls: bool, policy: Policy, secrets: Secrets,
+                   now: datetime | None = None) -> Forward | Refuse:
+    endpoint = policy.endpoint_for(request.host, request.port)
+    if endpoint is None:
+        return Forward(request, audit=Audit(outcome="not_an_endpoint"))
+    dialect = DIALECTS[endpoint.provider]
+    audit = Audit(provider=endpoint.provider)
+    try:
+        operation = classify(request, dialect)
+        audit = replace(audit, bucket=operation.bucket, operation=operation.name)
+        rule, source_rule = match_policy(policy, operation)
+        audit = replace(audit, rule=rule.name, action=rule.action)
+        client_keys = dialect.client_key_headers(request)
+        if client_keys and rule.action == "encrypt":
+            raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
+        key_names = keys_to_inject(operation, rule, source_rule)
+        check_tls(request, client_tls=client_tls, sends_key=bool(client_keys or any(key_names)))
+        key, source_key = (get_key(policy, secrets, name) for name in key_names)
+        if key:
+            audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=key.md5_b64)
+        rendered, added = render_dialect(dialect, request, key, source_key)
+        signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
+                               now or datetime.now(timezone.utc))
+        return Forward(signed, body, dialect.SECRET_HEADERS, audit)
+    except Refused as refused:
+        content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
+        return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
+
+
+def classify(request: Request, dialect: ModuleType) -> Operation:
+    try:
+        return dialect.classify(request)
+    except BadRequest as exc:
+        raise Refused(400, "InvalidRequest", str(exc), "bad_request") from None
+
+
+def match_policy(policy: Policy, operation: Operation) -> tuple[Rule, Rule | None]:
+    """The rule for the request's own object, and for a copy's source object."""
+    rule = _rule_for(policy, operation.provider, operation.bucket, operation.object_key)
+    source_rule = _rule_for(policy, operation.provider, *operation.copy_source) if operation.copy_source else None
+    return rule, source_rule
+
+
+def _rule_for(policy: Policy, provider: str, bucket: str | None, object_key: str | None) -> Rule:
+    rule = policy.rule_for(provider, bucket, object_key)
+    where = f"{bucket}/{object_key or ''}" if bucket else "the service"
+    if rule is None:
+        # Fail closed: a known object store with no rule for this bucket gets nothing through.
+        raise Refused(403, "AccessDenied", f"no rule in the policy covers {where}", "no_rule")
+    if rule.action == "deny":
+        raise Refused(403, "AccessDenied", f"{rule.name} denies access to {where}", "deny")
+    return rule
+
+
+def keys_to_inject(operation: Operation, rule: Rule, source_rule: Rule | None) -> tuple[str | None, str | None]:
+    """Names of the keys for the object written or read, and for a copy's source object."""
+    if not operation.takes_key:
+        return None, None
+    return (rule.key if rule.action == "encrypt" else None,
+            source_rule.key if source_rule and source_rule.action == "encrypt" else None)
+
+
+def get_key(policy: Policy, secrets: Secrets, name: str | None) -> Key | None:
+    if name is None:
+        return None
+    try:
+        return secrets.key(policy, policy.keys[name])
+    except KeyUnavailable as exc:
+        raise Refused(503, "ServiceUnavailable", f"cannot get key: {exc}; the request was not forwarded", "key_unavailable") from None
+
+
+def render_dialect(dialect: ModuleType, request: Request, key: Key | None, source_key: Key | None) -> tuple[Request, list[str]]:
+    """The request as the upstream must see it: key headers added, Host naming the upstream."""
+    rendered, added = dialect.render_key(request, key, source_key)
+    if (request.header("host") or "").lower() != request.authority.lower():
+        # Reverse-proxy mode: the client addressed keycourier, the upstream checks its own name.
+        rendered = rendered.with_header_map({"host": request.authority})
+        added.append("host")
+    return rendered, added
+
+
+def re_sign(signer: ModuleType, received: Request, rendered: Request, added: list[str], policy: Policy,
+            secrets: Secrets, now: datetime) -> tuple[Request, Callable[[bytes], bytes] | None]:
+    """Verify the client's signature, then sign the changed request with the same credential."""
+    if rendered == received:
+        return received, None  # untouched: the provider checks the client's own signature
+    try:
+        signature = signer.read_signature(received)
+    except signer.SignatureError as exc:
+        raise Refused(403, "AccessDenied", f"cannot read the request's signature: {exc}", "bad_signature") from None
+    if signature is None:
+        raise Refused(403, "AccessDenied", "anonymous requests cannot be re-signed after keycourier adds headers; sign the request", "bad_signature")
+    try:
+        credential = secrets.credential_for(policy, signature.access_key_id)
+    except KeyUnavailable as exc:
+        raise Refused(503, "ServiceUnavailable", f"cannot get credentials: {exc}", "key_unavailable") from None
+    if credential is None:
+        reason = "presigned" if signature.style == "query" else "bad_signature"
+        raise Refused(403, "InvalidAccessKeyId", f"access key id {signature.access_key_id} is not in keycourier's credentials, so the request cannot be verified and re-signed", reason)
+    try:
+        signer.verify(received, signature, credential.secret_access_key, now)
+        signed, seed = signer.resign(rendered, signature, credential.secret_access_key, added_headers=added)
+        return signed, signer.body_resigner(signature, credential.secret_access_key, seed)
+    except signer.SignatureError as exc:
+        reason = "presigned" if signature.style == "query" else "bad_signature"
+        raise Refused(403, "SignatureDoesNotMatch", f"the client's signature was refused: {exc}", reason) from None

@@ -1,0 +1,389 @@
+"""policies.yaml: the model, its loader (every error names file and line), and rule matching."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROVIDERS = ("s3", "azure", "oss")
+ACTIONS = ("encrypt", "passthrough", "deny")
+DEFAULT_KEY_CACHE_TTL = 300.0
+
+
+class PolicyError(ValueError):
+    def __init__(self, source: str, line: int, reason: str):
+        super().__init__(f"{source}:{line}: {reason}")
+        self.source, self.line, self.reason = source, line, reason
+
+
+@dataclass(frozen=True)
+class VaultSecretRef:
+    """A KV v2 secret: `path` as Vault's HTTP API names it, `<mount>/data/<secret path>`."""
+
+    mount: str
+    path: str
+    field: str
+    version: int | None = None
+
+    @property
+    def api_path(self) -> str:
+        return f"{self.mount}/data/{self.path}"
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    name: str
+    line: int
+    vault: VaultSecretRef | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CredentialSpec:
+    name: str
+    line: int
+    vault: VaultSecretRef | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class VaultAuth:
+    method: Literal["token", "approle"]
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    addr: str | None = None
+    namespace: str | None = None
+    ca_cert: Path | None = None
+    auth: VaultAuth = VaultAuth(method="token")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str  # glob over "host" or "host:port"
+    provider: str
+    line: int
+
+    def matches(self, host: str, port: int) -> bool:
+        pattern = glob_regex(self.host)
+        return bool(pattern.fullmatch(f"{host}:{port}") or (":" not in self.host and pattern.fullmatch(host)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    provider: str
+    bucket: str
+    prefix: str
+    action: Literal["encrypt", "passthrough", "deny"]
+    key: str | None
+    line: int
+
+    @property
+    def name(self) -> str:
+        """Stable, policy-derived label for logs and metrics (never client input)."""
+        return f"rule{self.line}"
+
+    def matches(self, provider: str, bucket: str | None, object_key: str | None) -> bool:
+        if self.provider != "*" and self.provider != provider:
+            return False
+        if bucket is None:
+            return self.bucket == "*"
+        if not glob_regex(self.bucket).fullmatch(bucket):
+            return False
+        # Bucket-level requests (listings, bucket calls) match on the bucket alone.
+        return object_key is None or object_key.startswith(self.prefix)
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str
+    vault: VaultConfig | None
+    endpoints: tuple[Endpoint, ...]
+    keys: dict[str, KeySpec]
+    credentials: dict[str, CredentialSpec]
+    rules: tuple[Rule, ...]
+    key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
+    needs_vault: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        uses_vault = any(s.vault for s in (*self.keys.values(), *self.credentials.values()))
+        object.__setattr__(self, "needs_vault", uses_vault)
+
+    def endpoint_for(self, host: str, port: int) -> Endpoint | None:
+        return next((e for e in self.endpoints if e.matches(host, port)), None)
+
+    def rule_for(self, provider: str, bucket: str | None, object_key: str | None) -> Rule | None:
+        """First match wins."""
+        return next((r for r in self.rules if r.matches(provider, bucket, object_key)), None)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for rule in self.rules:
+            where = f"{rule.provider}:{rule.bucket}/{rule.prefix}*"
+            key = f" with key {rule.key}" if rule.key else ""
+            lines.append(f"{rule.name} (line {rule.line}): {where} -> {rule.action}{key}")
+        return lines
+
+
+_GLOB_CHARS = re.compile(r"^[A-Za-z0-9._*?:-]*$")
+
+
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """Our globs know only `*` (any run of characters) and `?` (one character)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob), re.IGNORECASE)
+
+
+def endpoint_host_regexes(policy: Policy) -> list[str]:
+    """mitmproxy `allow_hosts` patterns (matched against "host:port") for the policy's endpoints."""
+    regexes = []
+    for endpoint in policy.endpoints:
+        body = glob_regex(endpoint.host).pattern
+        regexes.append(f"^{body}$" if ":" in endpoint.host else rf"^{body}:\d+$")
+    return regexes
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Keeps the line of every mapping and refuses duplicate keys, which plain YAML lets pass."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _NodeError(key_node.start_mark.line + 1, f"duplicate name {key!r} (first at line {seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        mapping = _Mapping(super().construct_mapping(node, deep=True))
+        mapping.line = node.start_mark.line + 1
+        mapping.lines = seen
+        return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, lambda loader, node: loader.construct_mapping(node))
+
+
+class _Mapping(dict):
+    line: int = 0
+    lines: dict[str, int]
+
+
+class _NodeError(Exception):
+    def __init__(self, line: int, reason: str):
+        self.line, self.reason = line, reason
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(str(path), 0, f"cannot read policy file: {exc.strerror}") from None
+    return parse_policy(text, source=str(path), base_dir=path.parent)
+
+
+def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path = Path(".")) -> Policy:
+    try:
+        document = yaml.load(text, Loader=_Loader)
+        return _PolicyReader(base_dir).policy(document, source)
+    except _NodeError as exc:
+        raise PolicyError(source, exc.line, exc.reason) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise PolicyError(source, mark.line + 1 if mark else 0, f"invalid YAML: {exc.problem}") from None
+
+
+class _PolicyReader:
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+
+    def policy(self, document: Any, source: str) -> Policy:
+        top = self.mapping(document, "policy", 1, required={"version", "endpoints", "rules"},
+                           optional={"vault", "keys", "credentials", "key_cache_ttl"})
+        if top["version"] != 1:
+            raise _NodeError(top.lines["version"], f"unsupported version {top['version']!r} (this keycourier reads version 1)")
+        keys = self.named(top, "keys", self.key)
+        credentials = self.named(top, "credentials", self.credential)
+        ttl = top.get("key_cache_ttl", DEFAULT_KEY_CACHE_TTL)
+        if not isinstance(ttl, (int, float)) or ttl < 0:
+            raise _NodeError(top.lines.get("key_cache_ttl", top.line), "key_cache_ttl must be a number of seconds >= 0")
+        return Policy(
+            source=source,
+            vault=self.vault(top["vault"], top.lines["vault"]) if "vault" in top else None,
+            endpoints=tuple(self.endpoint(e, top.lines["endpoints"]) for e in self.sequence(top, "endpoints")),
+            keys=keys,
+            credentials=credentials,
+            rules=tuple(self.rule(r, top.lines["rules"], keys) for r in self.sequence(top, "rules")),
+            key_cache_ttl=float(ttl),
+        )
+
+    # shapes
+
+    def mapping(self, value: Any, what: str, line: int, *, required=frozenset(), optional=frozenset()) -> _Mapping:
+        if not isinstance(value, _Mapping):
+            raise _NodeError(line, f"{what} must be a mapping")
+        for name in value:
+            if name not in required and name not in optional:
+                allowed = ", ".join(sorted({*required, *optional}))
+                raise _NodeError(value.lines[name], f"unknown field {name!r} in {what} (allowed: {allowed})")
+        for name in sorted(required):
+            if name not in value:
+                raise _NodeError(value.line, f"{what} is missing required field {name!r}")
+        return value
+
+    def sequence(self, parent: _Mapping, name: str) -> list:
+        value = parent[name]
+        if not isinstance(value, list):
+            raise _NodeError(parent.lines[name], f"{name} must be a list")
+        return value
+
+    def named(self, parent: _Mapping, name: str, read) -> dict:
+        if name not in parent:
+            return {}
+        entries = parent[name]
+        if not isinstance(entries, _Mapping):
+            raise _NodeError(parent.lines[name], f"{name} must be a mapping of names")
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise _NodeError(entries.lines[entry], f"{name}: name {entry!r} must be a string")
+        return {entry: read(entry, entries[entry], entries.lines[entry]) for entry in entries}
+
+    def string(self, parent: _Mapping, name: str, *, default: str | None = None) -> str:
+        value = parent.get(name, default)
+        if not isinstance(value, str) or not value:
+            raise _NodeError(parent.lines.get(name, parent.line), f"{name} must be a non-empty string")
+        return value
+
+    def path(self, parent: _Mapping, name: str) -> Path:
+        return (self.base_dir / self.string(parent, name)).resolve()
+
+    # sections
+
+    def vault(self, value: Any, line: int) -> VaultConfig:
+        section = self.mapping(value, "vault", line, optional={"addr", "namespace", "ca_cert", "auth"})
+        auth = VaultAuth(method="token")
+        if "auth" in section:
+            spec = self.mapping(section["auth"], "vault.auth", section.lines["auth"], required={"method"},
+                                optional={"token_file", "role_id", "secret_id_file"})
+            method = spec["method"]
+            if method == "token":
+                self.mapping(spec, "vault.auth (token)", spec.line, required={"method"}, optional={"token_file"})
+                auth = VaultAuth("token", token_file=self.path(spec, "token_file") if "token_file" in spec else None)
+            elif method == "approle":
+                self.mapping(spec, "vault.auth (approle)", spec.line, required={"method", "role_id", "secret_id_file"})
+                auth = VaultAuth("approle", role_id=self.string(spec, "role_id"), secret_id_file=self.path(spec, "secret_id_file"))
+            else:
+                raise _NodeError(spec.lines["method"], f"unknown vault auth method {method!r} (token, approle)")
+        return VaultConfig(
+            addr=self.string(section, "addr") if "addr" in section else None,
+            namespace=self.string(section, "namespace") if "namespace" in section else None,
+            ca_cert=self.path(section, "ca_cert") if "ca_cert" in section else None,
+            auth=auth,
+        )
+
+    def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool):
+        entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file"})
+        if len(entry) != 1:
+            raise _NodeError(line, f"{kind} {name!r} needs exactly one source: vault or file")
+        if "file" in entry:
+            return {"file": self.path(entry, "file")}
+        ref = self.mapping(entry["vault"], f"{kind} {name!r} vault", entry.lines["vault"], required={"path"},
+                           optional={"field", "version"} if field_required else {"version"})
+        api_path = self.string(ref, "path")
+        mount, sep, secret_path = api_path.strip("/").partition("/data/")
+        if not sep or not mount or not secret_path:
+            raise _NodeError(ref.lines["path"], f"vault path {api_path!r} is not a KV v2 path of the form <mount>/data/<path>")
+        version = ref.get("version")
+        if version is not None and (not isinstance(version, int) or version < 1):
+            raise _NodeError(ref.lines["version"], "vault version must be a positive integer")
+        field_name = self.string(ref, "field", default="key") if field_required else ""
+        return {"vault": VaultSecretRef(mount, secret_path, field_name, version)}
+
+    def key(self, name: str, value: Any, line: int) -> KeySpec:
+        return KeySpec(name=name, line=line, **self.secret_source("key", name, value, line, field_required=True))
+
+    def credential(self, name: str, value: Any, line: int) -> CredentialSpec:
+        return CredentialSpec(name=name, line=line, **self.secret_source("credential", name, value, line, field_required=False))
+
+    def endpoint(self, value: Any, line: int) -> Endpoint:
+        entry = self.mapping(value, "endpoint", line, required={"host", "provider"})
+        host = self.glob(entry, "host")
+        return Endpoint(host=host, provider=self.provider(entry, allow_any=False), line=entry.line)
+
+    def rule(self, value: Any, line: int, keys: dict[str, KeySpec]) -> Rule:
+        entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key"})
+        match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
+                             optional={"bucket", "prefix"})
+        action = entry["action"]
+        if action not in ACTIONS:
+            raise _NodeError(entry.lines["action"], f"unknown action {action!r} ({', '.join(ACTIONS)})")
+        key = entry.get("key")
+        if action == "encrypt":
+            if key is None:
+                raise _NodeError(entry.line, "an encrypt rule needs a key")
+            if key not in keys:
+                known = ", ".join(sorted(keys)) or "none defined"
+                raise _NodeError(entry.lines["key"], f"unknown key name {key!r} (keys: {known})")
+        elif key is not None:
+            raise _NodeError(entry.lines["key"], f"a {action} rule takes no key")
+        prefix = match.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise _NodeError(match.lines["prefix"], "prefix must be a string")
+        return Rule(
+            provider=self.provider(match, allow_any=True),
+            bucket=self.glob(match, "bucket") if "bucket" in match else "*",
+            prefix=prefix,
+            action=action,
+            key=key,
+            line=entry.line,
+        )
+
+    def provider(self, entry: _Mapping, *, allow_any: bool) -> str:
+        provider = entry["provider"]
+        allowed = PROVIDERS + (("*",) if allow_any else ())
+        if provider not in allowed:
+            raise _NodeError(entry.lines["provider"], f"unknown provider {provider!r} ({', '.join(allowed)})")
+        return provider
+
+    def glob(self, entry: _Mapping, name: str) -> str:
+        value = self.string(entry, name)
+        if not _GLOB_CHARS.fullmatch(value):
+            raise _NodeError(entry.lines[name], f"bad glob {value!r} in {name}: only letters, digits, '.', '-', '_', ':' and the wildcards '*' and '?' are allowed")
+        return value
+
+
+class PolicyFile:
+    """The policy in force, reloaded when its file changes. An invalid edit is refused and the
+    previous policy stays. Follows symlinks, so Kubernetes' ConfigMap swaps are seen too."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self.current = load_policy(self.path)
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload_if_changed(self) -> PolicyError | bool:
+        """True when a new policy took effect, False when nothing changed, the error when refused."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_policy(self.path)
+        except PolicyError as exc:
+            return exc
+        return True

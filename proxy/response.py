@@ -1,0 +1,26 @@
+"""The way back: explain provider errors in plain words, and scrub key material from what is kept."""
+from __future__ import annotations
+
+import re
+
+from proxy.pipeline import DIALECTS, Audit
+
+REDACTED = "[redacted by keycourier]"
+ERROR_BODY_LIMIT = 64 * 1024  # provider error documents are far smaller
+
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+
+
+def redact_headers(headers: tuple[tuple[str, str], ...], secret_names) -> list[tuple[str, str]]:
+    secret = {name.lower() for name in secret_names}
+    return [(name, REDACTED if name.lower() in secret else value) for name, value in headers]
+
+
+def explain_upstream_error(audit: Audit, status: int, body: bytes) -> str | None:
+    """A log line saying why the provider refused a request keycourier forwarded, when it is known."""
+    found = _ERROR_CODE.search(body)
+    code = found.group(1).decode("ascii", "replace") if found else None
+    explanation = DIALECTS[audit.provider].explain_error(status, code, body, audit)
+    if explanation:
+        return f"{audit.provider} refused {audit.operation} on bucket {audit.bucket} ({status} {code or ''}): {explanation}"
+    return None

@@ -1,0 +1,32 @@
+"""TLS rules: key material only travels over TLS, and upstream certificates are always verified."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import certifi
+
+from proxy.message import Request
+from proxy.refusals import Refused
+
+
+def check_tls(request: Request, *, client_tls: bool, sends_key: bool) -> None:
+    """Refuses a request that would carry key material over plain HTTP, on either side."""
+    if not sends_key:
+        return
+    if not client_tls:
+        raise Refused(400, "InvalidRequest", "key headers must not travel over plain HTTP; connect to keycourier over TLS", "tls")
+    if request.scheme != "https":
+        raise Refused(403, "AccessDenied", f"refusing to send key material to http://{request.authority}: keys only travel over verified TLS", "tls")
+
+
+def upstream_trust_bundle(confdir: Path, extra_ca: Path | None) -> Path:
+    """The CAs upstream certificates are verified against: the public ones, plus `extra_ca`.
+
+    mitmproxy trusts only the file it is given, so the public bundle is copied in rather than replaced.
+    """
+    bundle = confdir / "upstream-trust.pem"
+    pems = [Path(certifi.where()).read_text()]
+    if extra_ca:
+        pems.append(extra_ca.read_text())
+    bundle.write_text("\n".join(pems))
+    return bundle

@@ -1,0 +1,126 @@
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes, load_policy, parse_policy
+
+REPO = Path(__file__).resolve().parent.parent
+
+VALID = textwrap.dedent("""\
+    version: 1
+    vault: {addr: "https://vault:8200", auth: {method: approle, role_id: r1, secret_id_file: sid}}
+    endpoints:
+      - {host: "*.amazonaws.com", provider: s3}
+      - {host: "127.0.0.1:9000", provider: s3}
+    keys:
+      payroll: {vault: {path: secret/data/keycourier/payroll, field: key}}
+      dev: {file: keys/dev.key}
+    credentials:
+      app1: {vault: {path: secret/data/keycourier/aws-app1}}
+    rules:
+      - {match: {provider: s3, bucket: "payroll-*", prefix: ""}, action: encrypt, key: payroll}
+      - {match: {provider: s3, bucket: "payroll-*"}, action: passthrough}
+      - {match: {provider: s3, bucket: "public-*"}, action: passthrough}
+      - {match: {provider: "*"}, action: deny}
+""")
+
+
+def test_the_issue_example_loads_with_its_parts():
+    policy = parse_policy(VALID, base_dir=Path("/etc/kc"))
+    assert [e.host for e in policy.endpoints] == ["*.amazonaws.com", "127.0.0.1:9000"]
+    assert policy.keys["payroll"].vault.mount == "secret"
+    assert policy.keys["payroll"].vault.path == "keycourier/payroll"
+    assert policy.keys["dev"].file == Path("/etc/kc/keys/dev.key")
+    assert policy.vault.auth.method == "approle" and policy.vault.auth.secret_id_file == Path("/etc/kc/sid")
+    assert policy.needs_vault
+    assert [r.action for r in policy.rules] == ["encrypt", "passthrough", "passthrough", "deny"]
+
+
+def test_the_repository_policy_is_valid():
+    policy = load_policy(REPO / "policies.yaml")
+    assert any(rule.action == "encrypt" for rule in policy.rules)
+
+
+def test_first_matching_rule_wins_and_prefix_applies_to_objects():
+    policy = parse_policy(VALID.replace('prefix: ""', 'prefix: "hr/"'))
+    assert policy.rule_for("s3", "payroll-eu", "hr/2026.csv").action == "encrypt"
+    assert policy.rule_for("s3", "payroll-eu", "it/x").action == "passthrough"
+    assert policy.rule_for("s3", "payroll-eu", None).action == "encrypt"  # bucket calls match on bucket
+    assert policy.rule_for("s3", "other", "x").action == "deny"
+    assert policy.rule_for("s3", "PAYROLL-eu", "hr/x").action == "encrypt"
+
+
+def test_endpoints_match_host_with_or_without_port():
+    policy = parse_policy(VALID)
+    assert policy.endpoint_for("bucket.s3.amazonaws.com", 443).provider == "s3"
+    assert policy.endpoint_for("127.0.0.1", 9000) is not None
+    assert policy.endpoint_for("127.0.0.1", 9001) is None
+    assert policy.endpoint_for("amazonaws.com.evil.example", 443) is None
+    regexes = endpoint_host_regexes(policy)
+    assert any(re.search(r, "x.s3.amazonaws.com:443") for r in regexes)
+    assert not any(re.search(r, "example.com:443") for r in regexes)
+    assert not any(re.search(r, "127.0.0.1:90001") for r in regexes)
+
+
+@pytest.mark.parametrize("edit, line, reason", [
+    (("vault: {", "vault: {colour: red, "), 2, "unknown field 'colour' in vault"),
+    (("key: payroll}", "key: payrol}"), 12, "unknown key name 'payrol'"),
+    (('bucket: "public-*"', 'bucket: "public-[ab]"'), 14, "bad glob 'public-[ab]'"),
+    (("  dev: {file", "  payroll: {file"), 8, "duplicate name 'payroll' (first at line 7)"),
+    (("action: encrypt, key: payroll", "action: encrypt"), 12, "an encrypt rule needs a key"),
+    (("action: deny}", "action: deny, key: dev}"), 15, "a deny rule takes no key"),
+    (("action: deny}", "action: drop}"), 15, "unknown action 'drop'"),
+    (("provider: s3}\n  - {host: \"127", "provider: gcs}\n  - {host: \"127"), 4, "unknown provider 'gcs'"),
+    (("secret/data/keycourier/payroll", "secret/keycourier/payroll"), 7, "not a KV v2 path"),
+    (("version: 1", "version: 2"), 1, "unsupported version 2"),
+    (("rules:", "rulez:"), 11, "unknown field 'rulez'"),
+    (("method: approle, role_id: r1, secret_id_file: sid", "method: approle"), 2, "missing required field"),
+    (("- {match: {provider: s3, bucket: \"public-*\"}", "- {match: [s3]"), 14, "rule match must be a mapping"),
+    (("payroll: {vault: {path: secret/data/keycourier/payroll, field: key}}", "payroll: {}"), 7, "needs exactly one source"),
+    (("  dev: {file: keys/dev.key}", "  dev: {file: keys/dev.key"), 9, "invalid YAML"),
+])
+def test_errors_name_the_line_and_the_reason(edit, line, reason):
+    old, new = edit
+    assert old in VALID
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(VALID.replace(old, new, 1), source="p.yaml")
+    assert raised.value.line == line, str(raised.value)
+    assert reason in raised.value.reason
+    assert str(raised.value).startswith(f"p.yaml:{line}: ")
+
+
+def test_unreadable_file_is_a_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        load_policy(tmp_path / "missing.yaml")
+
+
+def test_edit_on_disk_is_picked_up_and_an_invalid_edit_keeps_the_old_policy(tmp_path):
+    path = tmp_path / "policies.yaml"
+    path.write_text(VALID)
+    watched = PolicyFile(path)
+    assert watched.reload_if_changed() is False
+    path.write_text(VALID.replace('"public-*"', '"open-*"'))
+    assert watched.reload_if_changed() is True
+    assert watched.current.rules[2].bucket == "open-*"
+    path.write_text(VALID.replace("action: deny}", "action: drop}"))
+    error = watched.reload_if_changed()
+    assert isinstance(error, PolicyError) and "unknown action" in str(error)
+    assert watched.current.rules[2].bucket == "open-*"
+
+
+def test_configmap_style_symlink_swap_is_seen(tmp_path):
+    # Kubernetes mounts ConfigMaps as policies.yaml -> ..data/policies.yaml, ..data -> ..<timestamp>.
+    for version, bucket in (("..v1", "public-*"), ("..v2", "open-*")):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "policies.yaml").write_text(VALID.replace('"public-*"', f'"{bucket}"'))
+    (tmp_path / "..data").symlink_to("..v1")
+    (tmp_path / "policies.yaml").symlink_to("..data/policies.yaml")
+    watched = PolicyFile(tmp_path / "policies.yaml")
+    assert watched.current.rules[2].bucket == "public-*"
+    (tmp_path / "..data_tmp").symlink_to("..v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert watched.reload_if_changed() is True
+    assert watched.current.rules[2].bucket == "open-*"
