@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -110,16 +111,20 @@ def _run(args) -> int:
 async def _serve(options: dict) -> int:
     from mitmproxy import addons as mitmproxy_addons
     from mitmproxy import master, optmanager
-    from mitmproxy.addons import dumper, errorcheck, keepserving
+    from mitmproxy.addons import dumper, errorcheck
     from mitmproxy.options import Options
 
     from addons.keycourier import KeyCourier
 
-    proxy = master.Master(Options(), event_loop=asyncio.get_running_loop())
+    # As mitmdump does: the root logger passes everything, mitmproxy's terminal handler filters by verbosity.
+    logging.getLogger().setLevel(logging.DEBUG)
+    for noisy in ("asyncio", "hpack", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    proxy = master.Master(Options(), event_loop=asyncio.get_running_loop(), with_termlog=True)
     # keycourier first: it scrubs key headers before any other addon (save, dumper) sees a flow.
     proxy.addons.add(KeyCourier())
     proxy.addons.add(*mitmproxy_addons.default_addons())
-    proxy.addons.add(dumper.Dumper(), keepserving.KeepServing(), errorcheck.ErrorCheck())
+    proxy.addons.add(dumper.Dumper(), errorcheck.ErrorCheck())
     try:
         proxy.options.update(**options)
     except optmanager.exceptions.OptionsError as exc:

@@ -1,0 +1,103 @@
+"""Shared fixtures: a test CA, and the real keycourier process started from the CLI."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_pem(ca, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def keycourier_confdir(tmp_path_factory) -> Path:
+    """One interception CA for the whole run, made by `keycourier ca` as a user would."""
+    confdir = tmp_path_factory.mktemp("confdir")
+    subprocess.run([sys.executable, "-m", "proxy.cli", "ca", "--confdir", str(confdir)], check=True, capture_output=True)
+    return confdir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Keycourier:
+    """`keycourier run` in its own process, logging to a file the tests can read."""
+
+    def __init__(self, workdir: Path, confdir: Path, policy_text: str, *, upstream_ca: Path | None = None,
+                 mode: str = "regular", env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.policy_path = workdir / "policies.yaml"
+        self.policy_path.write_text(policy_text)
+        self.port = free_port()
+        self.log_path = workdir / "keycourier.log"
+        self.flows_path = workdir / "flows.mitm"
+        self.ca_cert = confdir / "mitmproxy-ca-cert.pem"
+        command = [sys.executable, "-m", "proxy.cli", "run", "--policies", str(self.policy_path),
+                   "--listen-port", str(self.port), "--confdir", str(confdir), "--mode", mode,
+                   "--save-flows", str(self.flows_path)]
+        if upstream_ca:
+            command += ["--upstream-ca", str(upstream_ca)]
+        clean_env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("VAULT_")}
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**clean_env, **(env or {})})
+        self._wait_until_listening()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _wait_until_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"keycourier exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"keycourier did not listen within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in keycourier's log:\n{self.log()}")
+            time.sleep(0.1)
+
+    def client_env(self) -> dict[str, str]:
+        """What a legacy application is given: the proxy and the CA bundle, nothing else."""
+        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "AWS_CA_BUNDLE": str(self.ca_cert)}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
