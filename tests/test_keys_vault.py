@@ -1,0 +1,145 @@
+"""Keys and credentials from the Vault-API test server through the real hvac client."""
+import base64
+import threading
+import time
+
+import pytest
+
+from proxy.keys import KeyUnavailable, Secrets
+from proxy.policy import parse_policy
+from proxy.vault import Vault, VaultError
+from tests.upstreams.vault import VaultServer
+
+KEY_V1, KEY_V2 = bytes(range(32)), bytes(range(100, 132))
+
+
+@pytest.fixture(scope="module")
+def vault(ca):
+    with VaultServer(ca) as server:
+        server.kv_put("keycourier/payroll", {"key": base64.b64encode(KEY_V1).decode()})
+        server.kv_put("keycourier/payroll", {"key": base64.b64encode(KEY_V2).decode()})
+        server.kv_put("keycourier/short", {"key": base64.b64encode(b"short").decode()})
+        server.kv_put("keycourier/nofield", {"other": "x"})
+        server.kv_put("keycourier/aws-app1", {"access_key_id": "AKIDVAULT", "secret_access_key": "from-vault"})
+        server.set_policy("keycourier", {"secret/data/keycourier/*": ["read"]})
+        yield server
+
+
+def policy_for(vault, ca_pem, tmp_path, auth="{method: token}", ttl=300):
+    return parse_policy(f"""
+version: 1
+vault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}", auth: {auth}}}
+key_cache_ttl: {ttl}
+endpoints: []
+keys:
+  latest: {{vault: {{path: secret/data/keycourier/payroll}}}}
+  first: {{vault: {{path: secret/data/keycourier/payroll, version: 1}}}}
+  short: {{vault: {{path: secret/data/keycourier/short}}}}
+  nofield: {{vault: {{path: secret/data/keycourier/nofield}}}}
+  missing: {{vault: {{path: secret/data/keycourier/missing}}}}
+credentials:
+  app1: {{vault: {{path: secret/data/keycourier/aws-app1}}}}
+rules: []
+""", base_dir=tmp_path)
+
+
+def test_token_auth_reads_latest_and_pinned_versions(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    policy = policy_for(vault, ca_pem, tmp_path)
+    secrets = Secrets()
+    latest = secrets.key(policy, policy.keys["latest"])
+    assert (latest.material, latest.version) == (KEY_V2, "v2")
+    first = secrets.key(policy, policy.keys["first"])
+    assert (first.material, first.version) == (KEY_V1, "v1")
+    assert secrets.credential_for(policy, "AKIDVAULT").secret_access_key == "from-vault"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("short", "key 'short' decodes to 5 bytes, not 32"),
+    ("nofield", "key 'nofield': Vault secret secret/data/keycourier/nofield has no field 'key'"),
+    ("missing", "key 'missing': Vault has no secret at secret/data/keycourier/missing"),
+])
+def test_bad_or_missing_keys_are_named(vault, ca_pem, tmp_path, monkeypatch, name, reason):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    policy = policy_for(vault, ca_pem, tmp_path)
+    with pytest.raises(KeyUnavailable) as raised:
+        Secrets().key(policy, policy.keys[name])
+    assert str(raised.value) == reason
+
+
+def test_approle_login_and_re_login_when_the_token_expires(vault, ca_pem, tmp_path):
+    role_id, secret_id = vault.add_approle("kc-short", token_policies=["keycourier"], token_ttl=1)
+    (tmp_path / "sid").write_text(secret_id)
+    policy = policy_for(vault, ca_pem, tmp_path, auth=f"{{method: approle, role_id: {role_id}, secret_id_file: sid}}", ttl=0)
+    secrets = Secrets()
+    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    logins = vault.count("POST", "/v1/auth/approle/login")
+    time.sleep(1.5)  # the AppRole token has expired now
+    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert vault.count("POST", "/v1/auth/approle/login") == logins + 1
+
+
+def test_wrong_token_is_a_clear_refusal(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", "not-a-token")
+    policy = policy_for(vault, ca_pem, tmp_path)
+    with pytest.raises(KeyUnavailable, match="Vault denied access to secret/data/keycourier/payroll"):
+        Secrets().key(policy, policy.keys["latest"])
+
+
+def test_concurrent_requests_for_one_key_make_one_vault_read(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    policy = policy_for(vault, ca_pem, tmp_path)
+    secrets = Secrets()
+    before = vault.count("GET", "/v1/secret/data/keycourier/payroll")
+    threads = [threading.Thread(target=secrets.key, args=(policy, policy.keys["latest"])) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert vault.count("GET", "/v1/secret/data/keycourier/payroll") == before + 1
+
+
+def test_vault_down_is_key_unavailable_with_the_reason(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    policy = policy_for(vault, ca_pem, tmp_path)
+    vault.set_down(True)
+    try:
+        with pytest.raises(KeyUnavailable, match=f"Vault at {vault.addr} is unreachable"):
+            Secrets().key(policy, policy.keys["latest"])
+    finally:
+        vault.set_down(False)
+
+
+def test_sealed_vault_is_key_unavailable(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    policy = policy_for(vault, ca_pem, tmp_path)
+    vault.seal(True)
+    try:
+        with pytest.raises(KeyUnavailable, match="sealed or down"):
+            Secrets().key(policy, policy.keys["latest"])
+    finally:
+        vault.seal(False)
+
+
+def test_untrusted_vault_certificate_is_refused(vault, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    monkeypatch.delenv("VAULT_CACERT", raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    policy = parse_policy(f'version: 1\nvault: {{addr: "{vault.addr}"}}\nendpoints: []\n'
+                          "keys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
+    with pytest.raises(KeyUnavailable, match="failed TLS verification"):
+        Secrets().key(policy, policy.keys["k"])
+
+
+def test_plain_http_vault_and_missing_settings_are_refused():
+    with pytest.raises(VaultError, match="is not https"):
+        Vault(None, environ={"VAULT_ADDR": "http://127.0.0.1:8200"})
+    with pytest.raises(VaultError, match="no Vault address"):
+        Vault(None, environ={})
+
+
+def test_environment_configures_vault_like_the_vault_cli(vault, ca_pem):
+    environ = {"VAULT_ADDR": vault.addr, "VAULT_CACERT": str(ca_pem), "VAULT_TOKEN": vault.root_token}
+    policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
+    secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
+    assert secrets.key(policy, policy.keys["k"]).material == KEY_V2
