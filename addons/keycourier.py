@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 from mitmproxy import ctx, exceptions, http
 
@@ -22,6 +23,9 @@ class KeyCourier:
         self.secrets = secrets or Secrets()
         self.policy_file: PolicyFile | None = None
         self._watcher: asyncio.Task | None = None
+        # Decisions hold key material until it is sent: kept beside the flow, never in flow.metadata,
+        # which mitmproxy saves and prints.
+        self._decisions: weakref.WeakKeyDictionary[http.HTTPFlow, pipeline.Forward | pipeline.Refuse] = weakref.WeakKeyDictionary()
 
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
@@ -48,7 +52,7 @@ class KeyCourier:
             await asyncio.sleep(POLICY_POLL_SECONDS)
             result = await asyncio.to_thread(self.policy_file.reload_if_changed)
             if isinstance(result, PolicyError):
-                log.error(f"policy reload refused, the previous policy stays in force: {result}")
+                log.error(f"policy reload refused, keeping the previous policy: {result}")
             elif result:
                 self._policy_took_effect()
 
@@ -66,7 +70,7 @@ class KeyCourier:
             pipeline.handle_request, request, client_tls=flow.client_conn.tls_established,
             policy=self.policy_file.current, secrets=self.secrets,
         )
-        flow.metadata["keycourier"] = decision
+        self._decisions[flow] = decision
         if isinstance(decision, pipeline.Refuse):
             body = b"" if request.method == "HEAD" else decision.body
             flow.response = http.Response.make(decision.refusal.status, body, {
@@ -77,12 +81,14 @@ class KeyCourier:
             apply_request(flow.request, decision.request)
         if not flow.response:
             flow.request.stream = decision.body or True
-        if decision.audit.provider:
+        if isinstance(decision, pipeline.Refuse):
+            log.warning(f"{audit_line(request, decision.audit)}: {decision.refusal.message}")
+        elif decision.audit.provider:
             log.info(audit_line(request, decision.audit))
 
     def responseheaders(self, flow: http.HTTPFlow):
         self._scrub(flow)
-        decision = flow.metadata.get("keycourier")
+        decision = self._decisions.get(flow)
         if not isinstance(decision, pipeline.Forward) or flow.response.stream:
             return
         # Provider errors are small and their code is in the body: keep them whole to explain them.
@@ -90,7 +96,7 @@ class KeyCourier:
         flow.response.stream = not is_small_error
 
     def response(self, flow: http.HTTPFlow):
-        decision = flow.metadata.get("keycourier")
+        decision = self._decisions.get(flow)
         if isinstance(decision, pipeline.Forward) and decision.audit.provider and flow.response.status_code >= 400:
             explanation = explain_upstream_error(decision.audit, flow.response.status_code, flow.response.content or b"")
             if explanation:
@@ -99,10 +105,9 @@ class KeyCourier:
     def error(self, flow: http.HTTPFlow):
         self._scrub(flow)
 
-    @staticmethod
-    def _scrub(flow: http.HTTPFlow):
+    def _scrub(self, flow: http.HTTPFlow):
         """Once sent, key headers are replaced by a marker, so no log or saved flow holds them."""
-        decision = flow.metadata.get("keycourier")
+        decision = self._decisions.get(flow)
         if isinstance(decision, pipeline.Forward) and decision.secret_headers:
             flow.request.headers = http.Headers(_encode(redact_headers(plain_request(flow.request).headers, decision.secret_headers)))
         if flow.response:

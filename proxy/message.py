@@ -19,7 +19,7 @@ class Request:
     host: str
     port: int
     target: str
-    headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    headers: tuple[tuple[str, str], ...] = field(default_factory=tuple, repr=False)  # may hold key material
 
     @property
     def path(self) -> str:

@@ -6,6 +6,7 @@ is forwarded then. Everything here works on plain `Request` values, so it is tes
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import ModuleType
@@ -21,6 +22,7 @@ from proxy.tls import check_tls
 
 DIALECTS: dict[str, ModuleType] = {"s3": s3_dialect}
 SIGNERS: dict[str, ModuleType] = {"s3": s3_signer}
+log = logging.getLogger("keycourier")
 SECRET_HEADERS = tuple(name for dialect in DIALECTS.values() for name in dialect.SECRET_HEADERS)
 
 
@@ -72,7 +74,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         if client_keys and rule.action == "encrypt":
             raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
         key_names = keys_to_inject(operation, rule, source_rule)
-        check_tls(request, client_tls=client_tls, sends_key=bool(client_keys or any(key_names)))
+        check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys), injects_key=any(key_names))
         key, source_key = (get_key(policy, secrets, name) for name in key_names)
         if key:
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=key.md5_b64)
@@ -158,7 +160,33 @@ def re_sign(signer: ModuleType, received: Request, rendered: Request, added: lis
     try:
         signer.verify(received, signature, credential.secret_access_key, now)
         signed, seed = signer.resign(rendered, signature, credential.secret_access_key, added_headers=added)
-        return signed, signer.body_resigner(signature, credential.secret_access_key, seed)
+        body = signer.body_resigner(signature, credential.secret_access_key, seed)
+        return signed, body and spoil_on_error(body, signer.SignatureError)
     except signer.SignatureError as exc:
         reason = "presigned" if signature.style == "query" else "bad_signature"
         raise Refused(403, "SignatureDoesNotMatch", f"the client's signature was refused: {exc}", reason) from None
+
+
+def spoil_on_error(transform: Callable[[bytes], bytes], error: type[Exception]) -> Callable[[bytes], bytes]:
+    """A body transform that, once `transform` fails mid-stream (a bad chunk signature: headers are
+    long sent), forwards zero bytes instead: the length stays as announced, so the upstream reads to
+    the end and refuses the malformed body rather than waiting, and nothing of it is stored."""
+    received = sent = 0
+    failed = False
+
+    def forward(data: bytes) -> bytes:
+        nonlocal received, sent, failed
+        received += len(data)
+        if not failed:
+            try:
+                out = transform(data)
+                sent += len(out)
+                return out
+            except error as exc:
+                failed = True
+                log.warning(f"request body refused mid-stream, its remainder is spoiled so the upstream rejects it: {exc}")
+        out = bytes(received - sent)
+        sent = received
+        return out
+
+    return forward

@@ -20,7 +20,7 @@ def explain_upstream_error(audit: Audit, status: int, body: bytes) -> str | None
     """A log line saying why the provider refused a request keycourier forwarded, when it is known."""
     found = _ERROR_CODE.search(body)
     code = found.group(1).decode("ascii", "replace") if found else None
-    explanation = DIALECTS[audit.provider].explain_error(status, code, body, audit)
+    explanation = DIALECTS[audit.provider].explain_error(status, code, audit)
     if explanation:
         return f"{audit.provider} refused {audit.operation} on bucket {audit.bucket} ({status} {code or ''}): {explanation}"
     return None

@@ -9,13 +9,11 @@ from proxy.message import Request
 from proxy.refusals import Refused
 
 
-def check_tls(request: Request, *, client_tls: bool, sends_key: bool) -> None:
+def check_tls(request: Request, *, client_tls: bool, client_sends_key: bool, injects_key: bool) -> None:
     """Refuses a request that would carry key material over plain HTTP, on either side."""
-    if not sends_key:
-        return
-    if not client_tls:
+    if client_sends_key and not client_tls:
         raise Refused(400, "InvalidRequest", "key headers must not travel over plain HTTP; connect to keycourier over TLS", "tls")
-    if request.scheme != "https":
+    if (client_sends_key or injects_key) and request.scheme != "https":
         raise Refused(403, "AccessDenied", f"refusing to send key material to http://{request.authority}: keys only travel over verified TLS", "tls")
 
 

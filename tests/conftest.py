@@ -82,9 +82,9 @@ class Keycourier:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+    def wait_for_log(self, text: str, timeout: float = 10, occurrences: int = 1) -> None:
         deadline = time.monotonic() + timeout
-        while text not in self.log():
+        while self.log().count(text) < occurrences:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not in keycourier's log:\n{self.log()}")
             time.sleep(0.1)

@@ -150,3 +150,16 @@ def test_anonymous_request_cannot_be_given_a_key(policy):
     anonymous = Request("GET", "https", "127.0.0.1", 9000, "/payroll-eu/a", (("host", "127.0.0.1:9000"),))
     decision = run(policy, anonymous)
     assert (decision.refusal.status, decision.refusal.reason) == (403, "bad_signature")
+
+
+def test_a_body_failing_mid_stream_is_spoiled_at_its_announced_length():
+    from proxy.pipeline import spoil_on_error
+
+    def resigner(data):
+        if b"bad" in data:
+            raise ValueError("chunk signature does not match")
+        return data.upper()
+
+    forward = spoil_on_error(resigner, ValueError)
+    out = [forward(b"good"), forward(b"a bad one"), forward(b"more"), forward(b"")]
+    assert out == [b"GOOD", bytes(9), bytes(4), b""]

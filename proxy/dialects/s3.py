@@ -123,9 +123,13 @@ def error_body(code: str, message: str) -> tuple[str, bytes]:
     return "application/xml", xml.encode()
 
 
-def explain_error(status: int, code: str | None, body: bytes, audit) -> str | None:
-    """Plain words for S3 refusals whose cause is the bucket's setup, not keycourier."""
-    if status == 403 and audit.key and b"SSE-C" in body or (status == 403 and audit.key and code == "AccessDenied" and b"customer" in body.lower()):
-        return ("the bucket blocks SSE-C writes (AWS blocks them by default on buckets created since April 2026); "
-                "allow SSE-C in the bucket's default encryption configuration (BlockedEncryptionTypes) to use keycourier's encrypt rule")
+WRITE_OPERATIONS = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CopyObject"})
+
+
+def explain_error(status: int, code: str | None, audit) -> str | None:
+    """Plain words for S3 refusals whose cause is the bucket's setup, not keycourier (docs/s3.md)."""
+    if status == 403 and code == "AccessDenied" and audit.key and audit.operation in WRITE_OPERATIONS:
+        return ("S3 denied an SSE-C write. Buckets created since April 2026 block SSE-C by default: "
+                "the bucket must allow SSE-C (remove SSE-C from BlockedEncryptionTypes in its default "
+                "encryption configuration), or the credentials lack write permission")
     return None
