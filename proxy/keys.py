@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.policy import CredentialSpec, KeySpec, Policy, VaultSecretRef
+from proxy.policy import Policy, SecretSpec, VaultSecretRef
 from proxy.vault import Vault, VaultError
 
 KEY_BYTES = 32
@@ -111,7 +111,7 @@ class Secrets:
         self._vaults: dict[object, Vault] = {}
         self._vault_lock = threading.Lock()
 
-    def key(self, policy: Policy, spec: KeySpec) -> Key:
+    def key(self, policy: Policy, spec: SecretSpec) -> Key:
         return self.cache.get(("key", spec), policy.key_cache_ttl, lambda: self._load_key(policy, spec))
 
     def credential_for(self, policy: Policy, access_key_id: str) -> Credential | None:
@@ -123,7 +123,7 @@ class Secrets:
                 return credential
         return None
 
-    def _load_key(self, policy: Policy, spec: KeySpec) -> Key:
+    def _load_key(self, policy: Policy, spec: SecretSpec) -> Key:
         if spec.file:
             return Key(spec.name, "file", decode_key(spec.name, read_private_file(spec.file, f"key {spec.name!r}")))
         fields, version = self._read_vault(policy, spec.vault, f"key {spec.name!r}")
@@ -131,7 +131,7 @@ class Secrets:
             raise KeyUnavailable(f"key {spec.name!r}: Vault secret {spec.vault.api_path} has no field {spec.vault.field!r}")
         return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[spec.vault.field])))
 
-    def _load_credential(self, policy: Policy, spec: CredentialSpec) -> Credential:
+    def _load_credential(self, policy: Policy, spec: SecretSpec) -> Credential:
         what = f"credential {spec.name!r}"
         if spec.file:
             try:

@@ -34,15 +34,9 @@ class VaultSecretRef:
 
 
 @dataclass(frozen=True)
-class KeySpec:
-    name: str
-    line: int
-    vault: VaultSecretRef | None = None
-    file: Path | None = None
+class SecretSpec:
+    """Where a named key or credential is read from: a Vault secret or a local file."""
 
-
-@dataclass(frozen=True)
-class CredentialSpec:
     name: str
     line: int
     vault: VaultSecretRef | None = None
@@ -106,8 +100,8 @@ class Policy:
     source: str
     vault: VaultConfig | None
     endpoints: tuple[Endpoint, ...]
-    keys: dict[str, KeySpec]
-    credentials: dict[str, CredentialSpec]
+    keys: dict[str, SecretSpec]
+    credentials: dict[str, SecretSpec]
     rules: tuple[Rule, ...]
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
     needs_vault: bool = field(init=False)
@@ -289,12 +283,12 @@ class _PolicyReader:
             auth=auth,
         )
 
-    def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool):
+    def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool) -> SecretSpec:
         entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file"})
         if len(entry) != 1:
             raise _NodeError(line, f"{kind} {name!r} needs exactly one source: vault or file")
         if "file" in entry:
-            return {"file": self.path(entry, "file")}
+            return SecretSpec(name, line, file=self.path(entry, "file"))
         ref = self.mapping(entry["vault"], f"{kind} {name!r} vault", entry.lines["vault"], required={"path"},
                            optional={"field", "version"} if field_required else {"version"})
         api_path = self.string(ref, "path")
@@ -305,20 +299,20 @@ class _PolicyReader:
         if version is not None and (not isinstance(version, int) or version < 1):
             raise _NodeError(ref.lines["version"], "vault version must be a positive integer")
         field_name = self.string(ref, "field", default="key") if field_required else ""
-        return {"vault": VaultSecretRef(mount, secret_path, field_name, version)}
+        return SecretSpec(name, line, vault=VaultSecretRef(mount, secret_path, field_name, version))
 
-    def key(self, name: str, value: Any, line: int) -> KeySpec:
-        return KeySpec(name=name, line=line, **self.secret_source("key", name, value, line, field_required=True))
+    def key(self, name: str, value: Any, line: int) -> SecretSpec:
+        return self.secret_source("key", name, value, line, field_required=True)
 
-    def credential(self, name: str, value: Any, line: int) -> CredentialSpec:
-        return CredentialSpec(name=name, line=line, **self.secret_source("credential", name, value, line, field_required=False))
+    def credential(self, name: str, value: Any, line: int) -> SecretSpec:
+        return self.secret_source("credential", name, value, line, field_required=False)
 
     def endpoint(self, value: Any, line: int) -> Endpoint:
         entry = self.mapping(value, "endpoint", line, required={"host", "provider"})
         host = self.glob(entry, "host")
         return Endpoint(host=host, provider=self.provider(entry, allow_any=False), line=entry.line)
 
-    def rule(self, value: Any, line: int, keys: dict[str, KeySpec]) -> Rule:
+    def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
         entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key"})
         match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
                              optional={"bucket", "prefix"})
