@@ -11,7 +11,7 @@ from proxy import pipeline
 from proxy.keys import Secrets
 from proxy.message import Request
 from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
-from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, redact_headers
+from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers
 
 log = logging.getLogger("keycourier")
 
@@ -75,7 +75,7 @@ class KeyCourier:
             body = b"" if request.method == "HEAD" else decision.body
             flow.response = http.Response.make(decision.refusal.status, body, {
                 "content-type": decision.content_type,
-                "x-keycourier-error": decision.refusal.message,
+                "x-keycourier-error": header_safe(decision.refusal.message),
             })
         elif decision.request != request:
             apply_request(flow.request, decision.request)

@@ -11,6 +11,11 @@ ERROR_BODY_LIMIT = 64 * 1024  # provider error documents are far smaller
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 
 
+def header_safe(text: str, limit: int = 512) -> str:
+    """Printable ASCII only: messages quote client input (object keys), which must not split headers."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 def redact_headers(headers: tuple[tuple[str, str], ...], secret_names) -> list[tuple[str, str]]:
     secret = {name.lower() for name in secret_names}
     return [(name, REDACTED if name.lower() in secret else value) for name, value in headers]
