@@ -80,7 +80,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=key.md5_b64)
         rendered, added = render_dialect(dialect, request, key, source_key)
         signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
-                               now or datetime.now(timezone.utc))
+                               now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
         return Forward(signed, body, dialect.SECRET_HEADERS, audit)
     except Refused as refused:
         content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
@@ -140,8 +140,9 @@ def render_dialect(dialect: ModuleType, request: Request, key: Key | None, sourc
 
 
 def re_sign(signer: ModuleType, received: Request, rendered: Request, added: list[str], policy: Policy,
-            secrets: Secrets, now: datetime) -> tuple[Request, Callable[[bytes], bytes] | None]:
-    """Verify the client's signature, then sign the changed request with the same credential."""
+            secrets: Secrets, now: datetime, region: str) -> tuple[Request, Callable[[bytes], bytes] | None]:
+    """Verify the client's signature, then sign the changed request with the same credential
+    (SigV4 keeps the client's date and scope; SigV2 requests are signed afresh for `region`)."""
     if rendered == received:
         return received, None  # untouched: the provider checks the client's own signature
     try:
@@ -155,15 +156,16 @@ def re_sign(signer: ModuleType, received: Request, rendered: Request, added: lis
     except KeyUnavailable as exc:
         raise Refused(503, "ServiceUnavailable", f"cannot get credentials: {exc}", "key_unavailable") from None
     if credential is None:
-        reason = "presigned" if signature.style == "query" else "bad_signature"
+        reason = "presigned" if "query" in signature.style else "bad_signature"
         raise Refused(403, "InvalidAccessKeyId", f"access key id {signature.access_key_id} is not in keycourier's credentials, so the request cannot be verified and re-signed", reason)
     try:
         signer.verify(received, signature, credential.secret_access_key, now)
-        signed, seed = signer.resign(rendered, signature, credential.secret_access_key, added_headers=added)
+        signed, seed = signer.resign(rendered, signature, credential.secret_access_key, added_headers=added,
+                                     region=region, now=now)
         body = signer.body_resigner(signature, credential.secret_access_key, seed)
         return signed, body and spoil_on_error(body, signer.SignatureError)
     except signer.SignatureError as exc:
-        reason = "presigned" if signature.style == "query" else "bad_signature"
+        reason = "presigned" if "query" in signature.style else "bad_signature"
         raise Refused(403, "SignatureDoesNotMatch", f"the client's signature was refused: {exc}", reason) from None
 
 

@@ -64,6 +64,7 @@ class Endpoint:
     host: str  # glob over "host" or "host:port"
     provider: str
     line: int
+    region: str | None = None  # signing region, where the host name does not tell it
 
     def matches(self, host: str, port: int) -> bool:
         pattern = glob_regex(self.host)
@@ -308,9 +309,9 @@ class _PolicyReader:
         return self.secret_source("credential", name, value, line, field_required=False)
 
     def endpoint(self, value: Any, line: int) -> Endpoint:
-        entry = self.mapping(value, "endpoint", line, required={"host", "provider"})
-        host = self.glob(entry, "host")
-        return Endpoint(host=host, provider=self.provider(entry, allow_any=False), line=entry.line)
+        entry = self.mapping(value, "endpoint", line, required={"host", "provider"}, optional={"region"})
+        return Endpoint(host=self.glob(entry, "host"), provider=self.provider(entry, allow_any=False), line=entry.line,
+                        region=self.string(entry, "region") if "region" in entry else None)
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
         entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key"})

@@ -99,3 +99,16 @@ def test_client_key_headers_are_found_case_insensitively():
     sent = request("GET", "/b/k", X_Amz_Server_Side_Encryption_Customer_Key="abc")
     assert s3.client_key_headers(sent) == ["x-amz-server-side-encryption-customer-key"]
     assert s3.client_key_headers(request("GET", "/b/k")) == []
+
+
+@pytest.mark.parametrize("host, configured, region", [
+    ("s3.eu-west-1.amazonaws.com", None, "eu-west-1"),
+    ("payroll.s3.ap-southeast-2.amazonaws.com", None, "ap-southeast-2"),
+    ("payroll.s3-us-gov-west-1.amazonaws.com", None, "us-gov-west-1"),
+    ("payroll.s3.dualstack.eu-central-1.amazonaws.com", None, "eu-central-1"),
+    ("s3.amazonaws.com", None, "us-east-1"),
+    ("127.0.0.1", None, "us-east-1"),
+    ("minio.internal", "eu-north-1", "eu-north-1"),
+])
+def test_signing_region(host, configured, region):
+    assert s3.signing_region(request("GET", "/b/k", host=host, port=443), configured) == region

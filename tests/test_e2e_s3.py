@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import subprocess
 import sys
@@ -13,8 +14,11 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.credentials import Credentials as BotoCredentials
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.conftest import Keycourier
 from tests.upstreams.s3 import S3Upstream
@@ -99,14 +103,14 @@ def app_env(keycourier, monkeypatch):
 def app_client(endpoint_url: str, **credentials):
     """boto3 as a legacy application builds it: no encryption code, no proxy code."""
     return boto3.session.Session(**credentials).client(
-        "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+        "s3", endpoint_url=endpoint_url, config=Config(retries={"total_max_attempts": 1}, s3={"addressing_style": "path"}))
 
 
 def direct_client(s3, ca_pem):
     """Straight to the upstream, bypassing keycourier (as an attacker with the app's credentials would)."""
     return boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET).client(
         "s3", endpoint_url=s3.endpoint_url, region_name="us-east-1", verify=str(ca_pem),
-        config=Config(retries={"max_attempts": 1}, proxies={}, s3={"addressing_style": "path"}))
+        config=Config(retries={"total_max_attempts": 1}, proxies={}, s3={"addressing_style": "path"}))
 
 
 def error_of(call) -> tuple[int, str]:
@@ -217,12 +221,31 @@ def test_wrong_client_signature_answers_403(app_env, s3):
     assert s3.requests == []
 
 
-def test_presigned_get_url_made_by_boto3_works_through_the_proxy(app_env, s3, keycourier):
-    client = app_client(s3.endpoint_url)
-    client.put_object(Bucket="payroll-eu", Key="shared.txt", Body=b"presigned payload")
-    url = client.generate_presigned_url("get_object", Params={"Bucket": "payroll-eu", "Key": "shared.txt"}, ExpiresIn=300)
-    response = requests.get(url, proxies={"https": keycourier.url}, verify=str(keycourier.ca_cert), timeout=10)
-    assert response.status_code == 200 and response.content == b"presigned payload"
+@pytest.mark.parametrize("signature_version", [None, "s3v4"])  # None: boto3's default, SigV2 for presigned URLs
+def test_presigned_get_url_made_by_boto3_works_through_the_proxy(app_env, s3, signature_version):
+    app_client(s3.endpoint_url).put_object(Bucket="payroll-eu", Key="shared.txt", Body=b"presigned payload")
+    presigner = boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url, config=Config(
+        signature_version=signature_version, s3={"addressing_style": "path"}))
+    url = presigner.generate_presigned_url("get_object", Params={"Bucket": "payroll-eu", "Key": "shared.txt"}, ExpiresIn=300)
+    response = fetch_through(app_env, url)
+    assert response.status_code == 200, response.text
+    assert response.content == b"presigned payload"
+
+
+def test_presigned_url_of_an_unknown_access_key_is_refused_clearly(app_env, s3):
+    presigner = boto3.session.Session(aws_access_key_id="AKIASOMEONEELSE", aws_secret_access_key="x").client(
+        "s3", endpoint_url=s3.endpoint_url, config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+    url = presigner.generate_presigned_url("get_object", Params={"Bucket": "payroll-eu", "Key": "shared.txt"})
+    s3.clear_requests()
+    response = fetch_through(app_env, url)
+    assert response.status_code == 403 and b"AKIASOMEONEELSE is not in keycourier's credentials" in response.content
+    assert s3.requests == []
+
+
+def fetch_through(proxy: Keycourier, url: str) -> requests.Response:
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would replace the CA given here
+    return session.get(url, proxies={"https": proxy.url}, verify=str(proxy.ca_cert), timeout=10)
 
 
 def test_http_upstream_under_an_encrypt_rule_is_refused(app_env, plain_s3):
@@ -235,7 +258,7 @@ def test_http_upstream_under_an_encrypt_rule_is_refused(app_env, plain_s3):
 def test_bucket_blocking_sse_c_passes_the_403_and_logs_why(app_env, s3):
     status, _ = error_of(lambda: app_client(s3.endpoint_url).put_object(Bucket="payroll-new", Key="a", Body=b"x"))
     assert status == 403
-    app_env.wait_for_log("the bucket blocks SSE-C writes")
+    app_env.wait_for_log("the bucket must allow SSE-C")
 
 
 def test_aws_cli_put_get_and_list(app_env, s3, tmp_path):
@@ -263,3 +286,118 @@ def test_no_key_or_secret_in_the_log_or_the_saved_flows(app_env, s3, vault):
         for key in KEYS.values():
             assert base64.b64encode(key) not in place and key not in place and key.hex().encode() not in place
         assert SECRET.encode() not in place
+
+
+def test_reverse_proxy_mode_re_signs_for_the_upstream_host(s3, ca_pem, keycourier, keycourier_confdir, tmp_path, monkeypatch):
+    """The application uses keycourier as its endpoint URL; only the CA bundle is configured."""
+    policy = keycourier.policy_path.read_text()
+    (tmp_path / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
+    reverse = Keycourier(tmp_path, keycourier_confdir, policy, upstream_ca=ca_pem, mode=f"reverse:{s3.endpoint_url}")
+    try:
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(reverse.ca_cert))
+        client = app_client(f"https://127.0.0.1:{reverse.port}", aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET, region_name="us-east-1")
+        client.put_object(Bucket="payroll-eu", Key="via-reverse.txt", Body=b"reverse")
+        assert s3.stored("payroll-eu", "via-reverse.txt").sse_customer_key_md5 == md5_b64(KEYS["payroll"])
+        assert client.get_object(Bucket="payroll-eu", Key="via-reverse.txt")["Body"].read() == b"reverse"
+        client.put_object(Bucket="public-web", Key="via-reverse.txt", Body=b"public")
+        received = {k.lower(): v for k, v in s3.requests[-1].headers}
+        assert received["host"] == f"127.0.0.1:{s3.port}"
+    finally:
+        reverse.stop()
+
+
+def test_policy_edits_take_effect_and_an_invalid_edit_keeps_the_policy(app_env, s3):
+    original = app_env.policy_path.read_text()
+    client = app_client(s3.endpoint_url)
+    client.put_object(Bucket="public-web", Key="before.txt", Body=b"x")
+    try:
+        denying = original.replace('bucket: "public-*"}, action: passthrough', 'bucket: "public-*"}, action: deny')
+        assert denying != original
+        app_env.policy_path.write_text(denying)
+        app_env.wait_for_log("in force", occurrences=2)
+        assert error_of(lambda: client.put_object(Bucket="public-web", Key="after.txt", Body=b"x")) == (403, "AccessDenied")
+        app_env.policy_path.write_text(original.replace("action: deny", "action: drop"))
+        app_env.wait_for_log("policy reload refused, keeping the previous policy")
+        assert "unknown action 'drop'" in app_env.log()
+        assert error_of(lambda: client.put_object(Bucket="public-web", Key="after.txt", Body=b"x")) == (403, "AccessDenied")
+    finally:
+        app_env.policy_path.write_text(original)
+        app_env.wait_for_log("in force", occurrences=3)
+    client.put_object(Bucket="public-web", Key="restored.txt", Body=b"x")
+
+
+def signed_chunked_put(url: str, data: bytes, *, chunk_size: int = 64 * 1024, corrupt: bool = False):
+    """A PUT with STREAMING-AWS4-HMAC-SHA256-PAYLOAD, as the AWS SDKs for Java and .NET send it."""
+    pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] + [b""]
+    encoded_length = sum(len(f"{len(p):x};chunk-signature=".encode()) + 64 + 2 + len(p) + 2 for p in pieces)
+    request = AWSRequest(method="PUT", url=url, headers={
+        "x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "content-encoding": "aws-chunked",
+        "x-amz-decoded-content-length": str(len(data)), "content-length": str(encoded_length)})
+    signer = S3SigV4Auth(BotoCredentials(ACCESS_KEY, SECRET), "s3", "us-east-1")
+    signer.payload = lambda _request: "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"  # botocore itself never streams signed chunks
+    signer.add_auth(request)
+    amz_date = request.headers["x-amz-date"]
+    scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
+    key = ("AWS4" + SECRET).encode()
+    for part in (amz_date[:8], "us-east-1", "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    previous = request.headers["authorization"].rsplit("Signature=", 1)[1]
+    body = b""
+    for piece in pieces:
+        string_to_sign = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", amz_date, scope, previous,
+                                    hashlib.sha256(b"").hexdigest(), hashlib.sha256(piece).hexdigest()])
+        previous = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        body += f"{len(piece):x};chunk-signature={previous}\r\n".encode() + piece + b"\r\n"
+    if corrupt:
+        body = body.replace(pieces[1][:16], bytes(16), 1)
+    return dict(request.headers.items()), body
+
+
+def test_signed_aws_chunked_upload_has_its_chunk_signatures_recomputed(app_env, s3):
+    data = os.urandom(300_000)
+    url = f"{s3.endpoint_url}/payroll-eu/signed-chunks.bin"
+    headers, body = signed_chunked_put(url, data)
+    session = requests.Session()
+    session.trust_env = False
+    response = session.put(url, data=body, headers=headers, proxies={"https": app_env.url},
+                           verify=str(app_env.ca_cert), timeout=30)
+    assert response.status_code == 200, response.text
+    assert s3.stored("payroll-eu", "signed-chunks.bin").sse_customer_key_md5 == md5_b64(KEYS["payroll"])
+    assert app_client(s3.endpoint_url).get_object(Bucket="payroll-eu", Key="signed-chunks.bin")["Body"].read() == data
+
+    headers, body = signed_chunked_put(f"{s3.endpoint_url}/payroll-eu/tampered.bin", data, corrupt=True)
+    response = session.put(f"{s3.endpoint_url}/payroll-eu/tampered.bin", data=body, headers=headers,
+                           proxies={"https": app_env.url}, verify=str(app_env.ca_cert), timeout=30)
+    assert response.status_code in (400, 403), response.text  # the upstream refused the spoiled body
+    with pytest.raises(KeyError):
+        s3.stored("payroll-eu", "tampered.bin")
+
+
+def test_upstream_certificates_are_always_verified(s3, keycourier, keycourier_confdir, tmp_path, monkeypatch):
+    """Without --upstream-ca the test upstream's CA is unknown: nothing is sent to it, keys least of all."""
+    (tmp_path / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
+    untrusting = Keycourier(tmp_path, keycourier_confdir, keycourier.policy_path.read_text())
+    try:
+        for name, value in untrusting.client_env().items():
+            monkeypatch.setenv(name, value)
+        s3.clear_requests()
+        client = app_client(s3.endpoint_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
+        with pytest.raises((ClientError, BotoCoreError)):  # mitmproxy drops the connection, boto3 reports it
+            client.put_object(Bucket="payroll-eu", Key="unverified.txt", Body=b"x")
+        assert s3.requests == []
+        untrusting.wait_for_log("Certificate verify failed")
+    finally:
+        untrusting.stop()
+
+
+def test_hosts_that_are_not_endpoints_are_tunnelled_without_interception(keycourier, vault, ca_pem):
+    """The client sees the real server's certificate: keycourier does not even decrypt the traffic."""
+    session = requests.Session()
+    session.trust_env = False
+    response = session.get(f"{vault.addr}/v1/sys/health", proxies={"https": keycourier.url}, verify=str(ca_pem), timeout=10)
+    assert response.status_code == 200 and response.json()["sealed"] is False
+    with pytest.raises(requests.exceptions.SSLError):  # keycourier's CA is not the one that answered
+        session.get(f"{vault.addr}/v1/sys/health", proxies={"https": keycourier.url}, verify=str(keycourier.ca_cert), timeout=10)

@@ -9,24 +9,31 @@ import random
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from email.utils import formatdate, parsedate_to_datetime
 from unittest import mock
 from urllib.parse import quote, urlsplit
 
 import boto3
+import botocore.session
 import pytest
-from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
+from botocore.auth import HmacV1Auth, S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
 from proxy.message import Request
 from proxy.signers.s3 import (
+    V2_SUBRESOURCES,
+    V2_UNSIGNED_SUBRESOURCES,
     AwsChunkedResigner,
     SignatureError,
+    SigV2Signature,
     body_resigner,
     canonical_headers,
     canonical_query_string,
     canonical_uri,
+    canonicalized_amz_headers,
+    canonicalized_resource,
     read_signature,
     resign,
     verify,
@@ -70,7 +77,9 @@ TRAILER_SIGNATURE = "d81f82fc3505edab99d459891051a732e8730629a2e4a59689829ca17fe
 
 @contextmanager
 def botocore_clock(at: datetime = SIGNED_AT):
-    with mock.patch("botocore.auth.get_current_datetime", return_value=at.replace(tzinfo=None)):
+    # SigV4 signers read get_current_datetime; SigV2 ones time.time (Expires, and Date via formatdate).
+    with mock.patch("botocore.auth.get_current_datetime", return_value=at.replace(tzinfo=None)), \
+            mock.patch("time.time", return_value=at.timestamp()):
         yield
 
 
@@ -108,12 +117,14 @@ def object_url(key: str, query: str = "", host: str = "http://127.0.0.1:9000") -
     return f"{host}/bucket/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
 
 
-def boto3_client(endpoint: str = "http://127.0.0.1:9000"):
+def boto3_client(endpoint: str | None = "http://127.0.0.1:9000", **config):
+    """A boto3 client with the test credentials; `config` overrides SigV4 and path-style addressing
+    (None: boto3's default)."""
+    config = {"signature_version": "s3v4", "s3": {"addressing_style": "path"}, **config}
     return boto3.client(
         "s3", region_name=REGION, endpoint_url=endpoint,
         aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                      retries={"max_attempts": 0}),
+        config=Config(retries={"max_attempts": 0}, **config),
     )
 
 
@@ -121,9 +132,9 @@ class _Sent(Exception):
     pass
 
 
-def boto3_sent(call, endpoint: str = "http://127.0.0.1:9000") -> Request:
+def boto3_sent(call, endpoint: str | None = "http://127.0.0.1:9000", **config) -> Request:
     """The request a real boto3 client call sends (captured before it reaches the network)."""
-    client = boto3_client(endpoint)
+    client = boto3_client(endpoint, **config)
     sent = []
 
     def capture(request, **_):
@@ -411,12 +422,10 @@ def test_anonymous_request_has_no_signature():
 
 
 @pytest.mark.parametrize("request_", [
-    bare("/bucket/k", ("Authorization", "AWS AKIDEXAMPLE:c2lnbmF0dXJl")),
-    bare("/bucket/k?AWSAccessKeyId=AKIDEXAMPLE&Expires=1&Signature=c2ln"),
     bare("/bucket/k", ("Authorization", "AWS4-ECDSA-P256-SHA256 Credential=a/20240501/s3/aws4_request, "
                                         "SignedHeaders=host, Signature=00")),
     bare("/bucket/k?X-Amz-Algorithm=AWS4-ECDSA-P256-SHA256"),
-], ids=["sigv2-header", "sigv2-query", "sigv4a-header", "sigv4a-query"])
+], ids=["sigv4a-header", "sigv4a-query"])
 def test_unsupported_signature_versions(request_):
     with pytest.raises(SignatureError, match="^unsupported"):
         read_signature(request_)
@@ -442,6 +451,14 @@ def test_header_and_query_auth_together_are_refused():
     request = presigned("GET", object_url("k")).with_header_map({"Authorization": "AWS4-HMAC-SHA256 x"})
     with pytest.raises(SignatureError, match="only one auth mechanism"):
         read_signature(request)
+
+
+@pytest.mark.parametrize("expires", ["abc", "%C2%B2", "1" * 13])
+def test_malformed_x_amz_expires(expires):
+    request = presigned("GET", object_url("k"))
+    with pytest.raises(SignatureError, match="^malformed X-Amz-Expires$"):
+        read_signature(request.with_target(
+            request.target.replace("X-Amz-Expires=3600", f"X-Amz-Expires={expires}")))
 
 
 def test_presigned_url_missing_a_parameter():
@@ -634,3 +651,351 @@ def test_body_resigner_by_payload(payload, kind):
         assert body_resigner(signature, DOC_SECRET, "1" * 64) is None
     else:
         assert isinstance(body_resigner(signature, DOC_SECRET, "1" * 64), kind)
+
+
+# --- Signature Version 2 (legacy clients) --------------------------------------------------------
+
+# boto3 left at its default configuration presigns with SigV2: (endpoint, s3 config, bucket).
+PRESIGN_ADDRESSING = {
+    "virtual-hosted": (None, None, "bucket"),  # https://bucket.s3.amazonaws.com/key
+    "path-style": ("http://127.0.0.1:9000", {"addressing_style": "path"}, "bucket"),
+    "dotted-bucket": (None, None, "my.bucket"),  # not a DNS label: path-style
+}
+# (method, operation, parameters, headers the HTTP client must then send)
+PRESIGN_CALLS = {
+    "get-version-overrides": ("GET", "get_object", {
+        "Key": "dir/my file+€=~.txt", "VersionId": "v 1+2",
+        "ResponseContentType": "text/plain; charset=utf-8",
+        "ResponseContentDisposition": 'attachment; filename="a b.txt"'}, {}),
+    "put-metadata": ("PUT", "put_object",
+                     {"Key": "k", "ContentType": "text/plain", "Metadata": {"colour": "red"}},
+                     {"Content-Type": "text/plain"}),
+    "list-v2": ("GET", "list_objects_v2", {"Prefix": "a b"}, {}),
+    "get-acl": ("GET", "get_object_acl", {"Key": "k"}, {}),
+    "upload-part": ("PUT", "upload_part", {"Key": "big", "PartNumber": 2, "UploadId": "x~y"}, {}),
+}
+V2_GET = ("GET", "get_object",
+          {"Key": "dir/key.txt", "VersionId": "v1", "ResponseContentType": "text/plain"}, {})
+V2_EXPIRES = int(SIGNED_AT.timestamp()) + 900
+NOW = SIGNED_AT + timedelta(minutes=5)
+
+
+def fetched(method: str, url: str, headers: dict | None = None) -> Request:
+    """The request an HTTP client sends for a presigned URL."""
+    return as_request(AWSRequest(method=method, url=url, headers=dict(headers or {})).prepare())
+
+
+def v2_presigned(addressing: str, method: str, operation: str, params: dict, headers: dict, *,
+                 expires: int = 900) -> Request:
+    endpoint, s3, bucket = PRESIGN_ADDRESSING[addressing]
+    client = boto3_client(endpoint, signature_version=None, s3=s3)
+    with botocore_clock():
+        url = client.generate_presigned_url(operation, Params={"Bucket": bucket, **params}, ExpiresIn=expires)
+    assert "AWSAccessKeyId=" in url  # boto3's default really is SigV2
+    return fetched(method, url, headers)
+
+
+def v2_header_signed(method: str, url: str, headers: dict | None = None, body: bytes = b"", *,
+                     auth_path: str | None = None, at: datetime = SIGNED_AT) -> Request:
+    aws = AWSRequest(method=method, url=url, headers=dict(headers or {}), data=body, auth_path=auth_path)
+    with botocore_clock(at):
+        HmacV1Auth(Credentials(ACCESS_KEY, SECRET)).add_auth(aws)
+    return as_request(aws.prepare())
+
+
+def content_md5(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+@pytest.mark.parametrize("addressing", PRESIGN_ADDRESSING)
+@pytest.mark.parametrize("call", PRESIGN_CALLS)
+def test_boto3_default_presigned_urls_are_sigv2_and_verify(addressing, call):
+    request = v2_presigned(addressing, *PRESIGN_CALLS[call])
+    signature = verified(request, SIGNED_AT + timedelta(minutes=10))
+    assert signature == SigV2Signature("v2-query", ACCESS_KEY, signature.signature, V2_EXPIRES, None)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r.with_target(r.target.replace("key.txt", "other.txt")),
+    lambda r: r.with_target(r.target.replace("versionId=v1", "versionId=v2")),
+    lambda r: r.with_target(r.target.replace("text%2Fplain", "text%2Fhtml")),
+    lambda r: r.with_target(r.target.replace(f"Expires={V2_EXPIRES}", f"Expires={V2_EXPIRES + 3600}")),
+    lambda r: r.with_target(r.target + "&acl"),
+    lambda r: replace(r, method="DELETE"),
+    lambda r: r.with_header_map({"x-amz-meta-colour": "red"}),
+    lambda r: r.with_target(r.target + "&x-amz-acl=public-read"),
+    lambda r: r.with_header_map({"Content-Type": "text/html"}),
+], ids=["path", "sub-resource", "response-override", "expires", "added-sub-resource", "method",
+        "amz-header", "amz-query-parameter", "content-type"])
+def test_tampered_sigv2_presigned_url_is_rejected(tamper):
+    request = v2_presigned("path-style", *V2_GET)
+    verified(request)
+    assert rejected(tamper(request)) == "signature does not match"
+
+
+def test_sigv2_presigned_url_with_wrong_secret_is_rejected():
+    request = v2_presigned("virtual-hosted", *V2_GET)
+    assert rejected(request, secret=SECRET + "x") == "signature does not match"
+
+
+def test_sigv2_presigned_expiry():
+    request = v2_presigned("virtual-hosted", *V2_GET, expires=60)
+    verified(request, SIGNED_AT + timedelta(seconds=60))
+    assert rejected(request, SIGNED_AT + timedelta(seconds=61)) == "request has expired"
+
+
+def test_sigv2_signs_sub_resources_only_and_refuses_those_it_cannot_sign():
+    request = v2_presigned("path-style", *V2_GET)
+    # As at S3, other parameters are outside a SigV2 signature: a cache buster is accepted.
+    verified(request.with_target(request.target + "&cache-buster=1"))
+    assert rejected(request.with_target(request.target + "&retention")) == \
+        "unsupported: signature version 2 does not sign sub-resources: retention"
+    assert rejected(request.with_target(request.target + "&%72etention&legal-hold=")) == \
+        "unsupported: signature version 2 does not sign sub-resources: legal-hold, retention"
+
+
+def test_every_s3_sub_resource_is_signed_by_sigv2_or_refused():
+    model = botocore.session.get_session().get_service_model("s3")
+    queries = [model.operation_model(name).http["requestUri"].partition("?")[2]
+               for name in model.operation_names]
+    literals = {part.partition("=")[0] for query in queries for part in query.split("&") if part}
+    assert V2_SUBRESOURCES == set(HmacV1Auth.QSAOfInterest)
+    assert V2_SUBRESOURCES.isdisjoint(V2_UNSIGNED_SUBRESOURCES)
+    # list-type=2 picks ListObjectsV2, a listing like ListObjects: SigV2 leaves it unsigned, as S3 does.
+    assert literals - {"list-type"} <= V2_SUBRESOURCES | V2_UNSIGNED_SUBRESOURCES
+
+
+V2_HEADER_REQUESTS = {
+    "put-path-style": ("PUT", object_url("dir/a b+=~.txt"), {
+        "Content-Type": "text/plain", "Content-MD5": content_md5(b"body"),
+        "x-amz-meta-colour": "  dark   red ", "X-Amz-Acl": "private"}, b"body", None),
+    "get-version-overrides": ("GET", object_url("k", "versionId=v%2B1&response-content-type=text%2Fplain"
+                                                     "&response-expires=Thu%2C%2001%20Dec%201994"),
+                              {}, b"", None),
+    "delete-virtual-hosted": ("DELETE", "https://bucket.s3.eu-west-1.amazonaws.com/k?versionId=1", {}, b"",
+                              "/bucket/k"),
+    "bucket-acl-virtual-hosted": ("PUT", "https://bucket.s3.amazonaws.com/?acl", {"x-amz-acl": "private"},
+                                  b"", "/bucket/"),
+}
+
+
+@pytest.mark.parametrize("case", V2_HEADER_REQUESTS)
+def test_botocore_sigv2_header_signatures_verify(case):
+    method, url, headers, body, auth_path = V2_HEADER_REQUESTS[case]
+    request = v2_header_signed(method, url, headers, body, auth_path=auth_path)
+    signature = verified(request)
+    assert signature == SigV2Signature("v2-header", ACCESS_KEY, signature.signature, None,
+                                       formatdate(SIGNED_AT.timestamp(), usegmt=True))
+
+
+@pytest.mark.parametrize("config", [
+    {"signature_version": "s3", "s3": {"addressing_style": "path"}},
+    {"signature_version": "s3", "s3": {"addressing_style": "virtual"}},
+], ids=["path-style", "virtual-hosted"])
+@pytest.mark.parametrize("call", [
+    lambda c: c.put_object(Bucket="bucket", Key="a b/ü+=~.txt", Body=b"hello", ContentType="text/plain",
+                           Metadata={"colour": "red"}),
+    lambda c: c.get_object(Bucket="bucket", Key="k", VersionId="v+1", ResponseContentType="text/plain"),
+    lambda c: c.list_objects_v2(Bucket="bucket", Prefix="a/b c"),
+    lambda c: c.delete_objects(Bucket="bucket", Delete={"Objects": [{"Key": "k"}]}),
+    lambda c: c.create_multipart_upload(Bucket="bucket", Key="big"),
+], ids=["put", "get-version", "list-v2", "delete-objects", "create-multipart"])
+def test_real_boto3_sigv2_requests_verify(call, config):
+    endpoint = None if config["s3"]["addressing_style"] == "virtual" else "http://127.0.0.1:9000"
+    assert verified(boto3_sent(call, endpoint, **config)).style == "v2-header"
+
+
+V2_PUT = ("PUT", object_url("dir/key.txt", "tagging"),
+          {"Content-Type": "text/plain", "Content-MD5": content_md5(b"body"), "x-amz-meta-colour": "red"},
+          b"body")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r.with_header_map({"x-amz-meta-colour": "blue"}),
+    lambda r: r.with_header_map({"x-amz-acl": "public-read"}),
+    lambda r: r.with_header_map({"Content-Type": "text/html"}),
+    lambda r: r.with_header_map({"Content-MD5": content_md5(b"other")}),
+    lambda r: r.with_target(r.target.replace("key.txt", "other.txt")),
+    lambda r: r.with_target(r.target.replace("?tagging", "?acl")),
+    lambda r: replace(r, method="POST"),
+    lambda r: r.with_header_map({"Date": formatdate(SIGNED_AT.timestamp() + 1, usegmt=True)}),
+    lambda r: r.with_header_map({"Host": "other.s3.amazonaws.com"}),  # virtual-hosted: bucket "other"
+], ids=["amz-header", "added-amz-header", "content-type", "content-md5", "path", "sub-resource", "method",
+        "date", "bucket-in-host"])
+def test_tampered_sigv2_header_request_is_rejected(tamper):
+    request = v2_header_signed(*V2_PUT)
+    verified(request)
+    assert rejected(tamper(request)) == "signature does not match"
+
+
+@pytest.mark.parametrize("offset,ok", [(14, True), (-14, True), (16, False), (-16, False)])
+def test_sigv2_header_auth_clock_skew(offset, ok):
+    request = v2_header_signed(*V2_PUT)
+    now = SIGNED_AT + timedelta(minutes=offset)
+    if ok:
+        verified(request, now)
+    else:
+        assert rejected(request, now) == "request time too skewed"
+
+
+def test_sigv2_x_amz_date_replaces_date():
+    # AWS's rule, which AWS SDK for Java 1.x and boto 2 follow: Date's line is left empty and
+    # x-amz-date is signed among the x-amz-* headers (see docs/sigv4.md on the Delete example).
+    string_to_sign = "DELETE\n\n\n\nx-amz-date:Tue, 27 Mar 2007 21:20:26 +0000\n/johnsmith/photos/puppy.jpg"
+    digest = hmac.new(DOC_SECRET.encode(), string_to_sign.encode(), hashlib.sha1).digest()
+    request = Request("DELETE", "https", "s3.amazonaws.com", 443, "/johnsmith/photos/puppy.jpg", (
+        ("Host", "s3.amazonaws.com"),
+        ("Date", "Tue, 27 Mar 2007 23:20:27 +0000"),  # ignored, even for the clock check
+        ("x-amz-date", "Tue, 27 Mar 2007 21:20:26 +0000"),
+        ("Authorization", f"AWS {DOC_KEY}:{base64.b64encode(digest).decode()}"),
+    ))
+    now = datetime(2007, 3, 27, 21, 30, tzinfo=timezone.utc)
+    assert verified(request, now, DOC_SECRET).date == "Tue, 27 Mar 2007 21:20:26 +0000"
+    changed = request.with_header_map({"x-amz-date": "Tue, 27 Mar 2007 21:20:27 +0000"})
+    assert rejected(changed, now, DOC_SECRET) == "signature does not match"
+
+
+# AWS's SigV2 examples (docs/sigv4.md): signatures computed for the bucket "johnsmith".
+V2_DOC_EXAMPLES = {
+    "object-get": ("GET", "johnsmith.s3.amazonaws.com", "/photos/puppy.jpg",
+                   {"Date": "Tue, 27 Mar 2007 19:36:42 +0000"}, "bWq2s1WEIj+Ydj0vQ697zp+IXMU="),
+    "object-put": ("PUT", "johnsmith.s3.amazonaws.com", "/photos/puppy.jpg",
+                   {"Content-Type": "image/jpeg", "Content-Length": "94328",
+                    "Date": "Tue, 27 Mar 2007 21:15:45 +0000"}, "MyyxeRY7whkBe+bq8fHCL/2kKUg="),
+    "list": ("GET", "johnsmith.s3.amazonaws.com", "/?prefix=photos&max-keys=50&marker=puppy",
+             {"User-Agent": "Mozilla/5.0", "Date": "Tue, 27 Mar 2007 19:42:41 +0000"},
+             "htDYFYduRNen8P9ZfE/s9SuKy0U="),
+    "fetch-acl": ("GET", "johnsmith.s3.amazonaws.com", "/?acl",
+                  {"Date": "Tue, 27 Mar 2007 19:44:46 +0000"}, "c2WLPFtWHVgbEmeEG93a4cG37dM="),
+    "list-all-my-buckets": ("GET", "s3.amazonaws.com", "/",
+                            {"Date": "Wed, 28 Mar 2007 01:29:59 +0000"}, "qGdzdERIC03wnaRNKh6OqZehG9s="),
+    "unicode-keys": ("GET", "s3.amazonaws.com", "/dictionary/fran%C3%A7ais/pr%c3%a9f%c3%a8re",
+                     {"Date": "Wed, 28 Mar 2007 01:49:49 +0000"}, "DNEZGsoieTZ92F3bUfSPQcbGmlM="),
+}
+
+
+@pytest.mark.parametrize("example", V2_DOC_EXAMPLES)
+def test_aws_documented_sigv2_examples_verify(example):
+    method, host, target, headers, signature = V2_DOC_EXAMPLES[example]
+    request = Request(method, "https", host, 443, target, (
+        ("Host", host), *headers.items(), ("Authorization", f"AWS {DOC_KEY}:{signature}")))
+    verified(request, parsedate_to_datetime(headers["Date"]), DOC_SECRET)
+
+
+def test_aws_documented_sigv2_presigned_url_verifies():
+    target = ("/photos/puppy.jpg?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE"
+              "&Signature=NpgCjnDzrM%2BWFzoENXmpNDUsSn8%3D&Expires=1175139620")
+    request = Request("GET", "https", "johnsmith.s3.amazonaws.com", 443, target,
+                      (("Host", "johnsmith.s3.amazonaws.com"),))
+    expires = datetime.fromtimestamp(1175139620, timezone.utc)
+    verified(request, expires, DOC_SECRET)
+    assert rejected(request, expires + timedelta(seconds=1), DOC_SECRET) == "request has expired"
+
+
+def test_canonicalized_amz_headers_documented_upload_example():
+    request = bare("/db-backup.dat.gz",
+                   ("x-amz-acl", "public-read"), ("content-type", "application/x-download"),
+                   ("X-Amz-Meta-ReviewedBy", "joe@johnsmith.net"),
+                   ("X-Amz-Meta-ReviewedBy", "jane@johnsmith.net"),
+                   ("X-Amz-Meta-FileChecksum", "0x02661779"), ("X-Amz-Meta-ChecksumAlgorithm", "crc32"))
+    assert canonicalized_amz_headers(request) == (
+        "x-amz-acl:public-read\nx-amz-meta-checksumalgorithm:crc32\nx-amz-meta-filechecksum:0x02661779\n"
+        "x-amz-meta-reviewedby:joe@johnsmith.net,jane@johnsmith.net\n")
+    assert canonicalized_amz_headers(bare("/k?x-amz-meta-a=%20b%20&prefix=x", ("X-Amz-Meta-A", " a "))) == \
+        "x-amz-meta-a:a,b\n"
+
+
+@pytest.mark.parametrize("host,target,resource", [
+    ("bucket.s3.amazonaws.com", "/a%20b/k", "/bucket/a%20b/k"),
+    ("my.bucket.s3.eu-west-1.amazonaws.com:443", "/", "/my.bucket/"),
+    ("Bucket.S3-eu-west-1.amazonaws.com", "/k", "/bucket/k"),
+    ("bucket.s3.dualstack.us-east-1.amazonaws.com", "/k", "/bucket/k"),
+    ("bucket.s3.cn-north-1.amazonaws.com.cn", "/k", "/bucket/k"),
+    ("s3.amazonaws.com", "/bucket", "/bucket/"),
+    ("s3.eu-west-1.amazonaws.com", "/", "/"),
+    ("127.0.0.1:9000", "/bucket/k?uploadId=u&acl&prefix=p&versionId=a%2Bb+c&acl=",
+     "/bucket/k?acl&acl=&uploadId=u&versionId=a+b c"),
+    ("127.0.0.1:9000", "/bucket/k?%61cl&response-content-type=text%2Fplain",
+     "/bucket/k?acl&response-content-type=text/plain"),
+])
+def test_canonicalized_resource(host, target, resource):
+    request = Request("GET", "https", "unused", 443, target, (("Host", host),))
+    assert canonicalized_resource(request) == resource
+
+
+SIG = "frJIUN8DYpKDtOLCwo//yllqDzg="
+DATE = ("Date", "Mon, 26 Mar 2007 19:37:58 +0000")
+V2_QUERY = f"AWSAccessKeyId=AKIDEXAMPLE&Signature={quote(SIG, safe='')}"
+
+
+@pytest.mark.parametrize("request_,message", [
+    (bare("/bucket/k", ("Authorization", "AWS AKIDEXAMPLE"), DATE), "malformed Authorization header"),
+    (bare("/bucket/k", ("Authorization", f"AWS :{SIG}"), DATE), "malformed Authorization header"),
+    (bare("/bucket/k", ("Authorization", "AWS AKIDEXAMPLE:c2lnbmF0dXJl"), DATE), "malformed signature"),
+    (bare("/bucket/k", ("Authorization", f"AWS AKIDEXAMPLE:{SIG}")), "missing x-amz-date or Date header"),
+    (bare("/bucket/k", ("Authorization", f"AWS AKIDEXAMPLE:{SIG}"), ("Date", "yesterday")),
+     "malformed request date"),
+    (bare(f"/bucket/k?{V2_QUERY}"), "missing query parameters: Expires"),
+    (bare(f"/bucket/k?{V2_QUERY}&Expires=1&Signature=x"), "Signature given more than once"),
+    (bare(f"/bucket/k?{V2_QUERY}&Expires=%C2%B2"), "malformed Expires"),
+    (bare(f"/bucket/k?{V2_QUERY.replace('AKIDEXAMPLE', '')}&Expires=1"), "malformed AWSAccessKeyId"),
+    (bare("/bucket/k?AWSAccessKeyId=AKIDEXAMPLE&Signature=c2ln&Expires=1"), "malformed signature"),
+    (bare(f"/bucket/k?{V2_QUERY}&Expires=1", ("Authorization", f"AWS AKIDEXAMPLE:{SIG}"), DATE),
+     "only one auth mechanism allowed"),
+    (bare(f"/bucket/k?{V2_QUERY}&Expires=1&X-Amz-Signature=00"), "only one auth mechanism allowed"),
+], ids=["no-signature", "no-key-id", "short-signature", "no-date", "bad-date", "no-expires", "repeated",
+        "bad-expires", "empty-key-id", "bad-query-signature", "header-and-query", "v2-and-v4-query"])
+def test_malformed_sigv2_authentication(request_, message):
+    with pytest.raises(SignatureError) as error:
+        read_signature(request_)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("addressing", PRESIGN_ADDRESSING)
+@pytest.mark.parametrize("call", PRESIGN_CALLS)
+def test_resign_sigv2_presigned_as_sigv4_header_auth(addressing, call):
+    method, _, _, headers = PRESIGN_CALLS[call]
+    client = v2_presigned(addressing, *PRESIGN_CALLS[call])
+    signature = verified(client, NOW)
+
+    forwarded, new_signature = resign(client.with_header_map(SSE_C), signature, SECRET, added_headers=SSE_C,
+                                      region=REGION, now=NOW)
+
+    v2_auth = ("AWSAccessKeyId=", "Signature=", "Expires=")
+    assert forwarded.path == client.path
+    kept = [part for part in client.raw_query.split("&") if not part.startswith(v2_auth)]
+    assert forwarded.raw_query == "&".join(kept)
+    reference = header_signed(method, f"{client.scheme}://{client.authority}{forwarded.target}",
+                              {**headers, **SSE_C}, unsigned_payload=True, at=NOW)
+    assert forwarded.header("authorization") == reference.header("authorization")
+    assert forwarded.header("authorization").endswith(f"Signature={new_signature}")
+    assert body_resigner(signature, SECRET, new_signature) is None
+    verified(forwarded, NOW)
+
+
+def test_resign_sigv2_header_auth_as_sigv4_header_auth():
+    method, url, headers, body = V2_PUT
+    client = v2_header_signed(*V2_PUT)
+    signature = verified(client)
+
+    forwarded, new_signature = resign(client.with_header_map(SSE_C), signature, SECRET, added_headers=SSE_C,
+                                      region=REGION, now=NOW)
+
+    assert forwarded.target == client.target
+    assert forwarded.header("date") is None  # the SigV2 time stamp; x-amz-date now dates the request
+    assert forwarded.header("x-amz-date") == NOW.strftime("%Y%m%dT%H%M%SZ")
+    assert read_signature(forwarded).signed_headers == tuple(sorted(
+        {"content-md5", "content-type", "host", "x-amz-content-sha256", "x-amz-date", "x-amz-meta-colour"}
+        | {name.lower() for name in SSE_C}))
+    reference = header_signed(method, url, {**headers, **SSE_C}, body, unsigned_payload=True, at=NOW)
+    assert forwarded.header("authorization") == reference.header("authorization")
+    assert body_resigner(signature, SECRET, new_signature) is None
+    verified(forwarded, NOW)
+
+
+def test_resign_sigv4_ignores_region_and_now():
+    client = header_signed(*BASE)
+    signature = verified(client)
+    forwarded = client.with_header_map(SSE_C)
+    assert resign(forwarded, signature, SECRET, added_headers=SSE_C, region="us-west-2", now=NOW) == \
+        resign(forwarded, signature, SECRET, added_headers=SSE_C)

@@ -25,6 +25,10 @@ COPY_OPERATIONS = frozenset({"CopyObject", "UploadPartCopy"})
 # <bucket>.s3[.-<region>|.dualstack|-accelerate...].amazonaws.com[.cn]
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
 
+# s3.<region>.amazonaws.com, s3-<region>.amazonaws.com, s3.dualstack.<region>.amazonaws.com
+_REGION_IN_HOST = re.compile(r"\.?s3[.-](?:dualstack\.)?(?P<region>[a-z]{2}(?:-[a-z]+)+-\d)\.amazonaws\.com(?:\.cn)?$")
+DEFAULT_REGION = "us-east-1"
+
 # Object sub-resources that name another operation than the plain verb does, by method.
 _OBJECT_SUBRESOURCES = {
     "GET": {"uploadId": "ListParts", "attributes": "GetObjectAttributes", "tagging": "GetObjectTagging",
@@ -98,6 +102,14 @@ def _copy_source(request: Request) -> tuple[str, str]:
     if not bucket or not object_key or bucket.startswith("arn:"):
         raise BadRequest(f"x-amz-copy-source {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
     return bucket, object_key
+
+
+def signing_region(request: Request, configured: str | None) -> str:
+    """The region to sign for when keycourier signs afresh (SigV2 clients): the policy's, else the host's."""
+    if configured:
+        return configured
+    found = _REGION_IN_HOST.search(request.host)
+    return found["region"] if found else DEFAULT_REGION
 
 
 def client_key_headers(request: Request) -> list[str]:

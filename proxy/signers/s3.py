@@ -8,9 +8,14 @@ the signature travels and in X-Amz-Signature being left out of the canonical que
 
 aws-chunked bodies carry a chain of signatures seeded by the request's signature, so re-signing
 the request means re-signing every chunk: `body_resigner` returns the stream callable doing it.
+
+Legacy clients sign with Signature Version 2 (HMAC-SHA1 over AWS's StringToSign, in an
+`Authorization: AWS` header or a presigned URL). Those signatures are checked the same way, and the
+request goes on signed with SigV4 header auth, which S3 requires of new buckets.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -52,9 +57,35 @@ QUERY_AUTH_PARAMETERS = (
     "X-Amz-Expires", "X-Amz-SignedHeaders", "X-Amz-Signature",
 )
 
+SIGV2_SCHEME = "AWS"
+V2_QUERY_AUTH_PARAMETERS = ("AWSAccessKeyId", "Signature", "Expires")
+# The sub-resources a SigV2 signature covers: AWS's documented list, response-* overrides and delete,
+# plus those S3 added later, as botocore's HmacV1Auth lists them (a client signing fewer fails at S3).
+V2_SUBRESOURCES = frozenset({
+    "accelerate", "acl", "analytics", "cors", "defaultObjectAcl", "delete", "inventory", "lifecycle",
+    "location", "logging", "metrics", "notification", "object-lock", "partNumber", "policy",
+    "replication", "requestPayment", "response-cache-control", "response-content-disposition",
+    "response-content-encoding", "response-content-language", "response-content-type",
+    "response-expires", "restore", "select", "select-type", "storageClass", "tagging", "torrent",
+    "uploadId", "uploads", "versionId", "versioning", "versions", "website",
+})
+# S3 sub-resources outside that list: no SigV2 signature covers them, and keycourier's SigV4 signature
+# would, so a SigV2 request naming one is refused rather than granted it (policy, docs/sigv4.md).
+V2_UNSIGNED_SUBRESOURCES = frozenset({
+    "abac", "annotation", "attributes", "encryption", "intelligent-tiering", "legal-hold",
+    "metadataAnnotationTable", "metadataConfiguration", "metadataInventoryTable",
+    "metadataJournalTable", "metadataTable", "ownershipControls", "policyStatus",
+    "publicAccessBlock", "renameObject", "retention", "session",
+})
+
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _PAYLOAD_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _TIMESTAMP = re.compile(r"\d{8}T\d{6}Z")
+_SECONDS = re.compile(r"[0-9]{1,12}")
+_V2_AUTHORIZATION = re.compile(r"AWS ([^\s:]+):(\S+)")
+_V2_SIGNATURE = re.compile(r"[A-Za-z0-9+/]{27}=")  # base64 of a 20-byte HMAC-SHA1
+# <bucket>.s3.amazonaws.com, .s3.<region>., .s3-<region>., .s3.dualstack.<region>., .s3-accelerate.
+_AWS_VIRTUAL_HOST = re.compile(r"(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?(?::\d+)?")
 _CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,16}")
 _CHUNK_SIGNATURE_KEY = b"chunk-signature="
 _TRAILER_SIGNATURE_NAME = b"x-amz-trailer-signature"
@@ -69,7 +100,7 @@ class SignatureError(Exception):
 
 @dataclass(frozen=True)
 class SigV4Signature:
-    """What the client signed."""
+    """What the client signed (or, for a SigV2 request, what keycourier signs it with)."""
 
     style: Literal["header", "query"]
     access_key_id: str
@@ -83,23 +114,37 @@ class SigV4Signature:
     expires: int | None  # X-Amz-Expires, query style only
 
 
+@dataclass(frozen=True)
+class SigV2Signature:
+    """What a legacy client signed with Signature Version 2."""
+
+    style: Literal["v2-header", "v2-query"]
+    access_key_id: str
+    signature: str  # base64 HMAC-SHA1
+    expires: int | None  # v2-query: Expires, epoch seconds
+    date: str | None  # v2-header: the x-amz-date header, else the Date header, as sent
+
+
 # --- Reading the client's signature -------------------------------------------------------------
 
-def read_signature(request: Request) -> SigV4Signature | None:
-    """The SigV4 authentication the request carries; None if it carries none (anonymous)."""
+def read_signature(request: Request) -> SigV4Signature | SigV2Signature | None:
+    """The SigV4 or SigV2 authentication the request carries; None if it carries none (anonymous)."""
     authorizations = [value for name, value in request.headers if name.lower() == "authorization"]
     query_names = {name for name, _ in request.query}
     in_query = not query_names.isdisjoint(QUERY_AUTH_PARAMETERS)
-    if authorizations and in_query:
+    in_v2_query = not query_names.isdisjoint(("AWSAccessKeyId", "Signature"))
+    if bool(authorizations) + in_query + in_v2_query > 1:
         raise SignatureError("only one auth mechanism allowed")
     if len(authorizations) > 1:
         raise SignatureError("more than one Authorization header")
     if authorizations:
+        if authorizations[0].strip().partition(" ")[0] == SIGV2_SCHEME:
+            return _read_v2_authorization_header(request, authorizations[0])
         return _read_authorization_header(request, authorizations[0])
     if in_query:
         return _read_query_parameters(request)
-    if {"AWSAccessKeyId", "Signature"} <= query_names:
-        raise SignatureError("unsupported: signature version 2")
+    if in_v2_query:
+        return _read_v2_query_parameters(request)
     return None
 
 
@@ -125,34 +170,75 @@ def _read_authorization_header(request: Request, value: str) -> SigV4Signature:
 
 
 def _read_query_parameters(request: Request) -> SigV4Signature:
-    params: dict[str, str] = {}
-    for name, value in request.query:
-        if name in QUERY_AUTH_PARAMETERS:
-            if name in params:
-                raise SignatureError(f"{name} given more than once")
-            params[name] = value
+    params = _auth_query_parameters(request, QUERY_AUTH_PARAMETERS)
     if "X-Amz-Algorithm" in params:
         _check_algorithm(params["X-Amz-Algorithm"])
-    missing = [name for name in QUERY_AUTH_PARAMETERS if name not in params]
-    if missing:
-        raise SignatureError("missing query parameters: " + ", ".join(missing))
-    if not params["X-Amz-Expires"].isdigit():
-        raise SignatureError("malformed X-Amz-Expires")
+    _require_parameters(params, QUERY_AUTH_PARAMETERS)
     # Presigned URLs normally sign no payload; botocore's S3SigV4QueryAuth honours a declared one.
     payload_hash = (request.query_value("X-Amz-Content-Sha256")
                     or request.header("x-amz-content-sha256") or UNSIGNED_PAYLOAD)
     return _parsed_signature(
         "query", credential=params["X-Amz-Credential"], amz_date=params["X-Amz-Date"],
         signed_headers=params["X-Amz-SignedHeaders"], signature_hex=params["X-Amz-Signature"],
-        payload_hash=payload_hash, expires=int(params["X-Amz-Expires"]),
+        payload_hash=payload_hash, expires=_seconds(params["X-Amz-Expires"], "X-Amz-Expires"),
     )
+
+
+def _read_v2_authorization_header(request: Request, value: str) -> SigV2Signature:
+    match = _V2_AUTHORIZATION.fullmatch(value.strip())
+    if not match:
+        raise SignatureError("malformed Authorization header")
+    # x-amz-date stands in for Date when present (clients that cannot set Date).
+    date = request.header("x-amz-date")
+    if date is None:
+        date = request.header("date")
+    if date is None:
+        raise SignatureError("missing x-amz-date or Date header")
+    _parse_http_date(date)
+    return SigV2Signature("v2-header", match[1], _v2_signature_value(match[2]), expires=None, date=date)
+
+
+def _read_v2_query_parameters(request: Request) -> SigV2Signature:
+    params = _auth_query_parameters(request, V2_QUERY_AUTH_PARAMETERS)
+    _require_parameters(params, V2_QUERY_AUTH_PARAMETERS)
+    if not params["AWSAccessKeyId"]:
+        raise SignatureError("malformed AWSAccessKeyId")
+    return SigV2Signature("v2-query", params["AWSAccessKeyId"], _v2_signature_value(params["Signature"]),
+                          expires=_seconds(params["Expires"], "Expires"), date=None)
+
+
+def _auth_query_parameters(request: Request, names: Iterable[str]) -> dict[str, str]:
+    """The request's query parameters among `names`, each given at most once."""
+    params: dict[str, str] = {}
+    for name, value in request.query:
+        if name in names:
+            if name in params:
+                raise SignatureError(f"{name} given more than once")
+            params[name] = value
+    return params
+
+
+def _require_parameters(params: dict[str, str], names: Iterable[str]) -> None:
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise SignatureError("missing query parameters: " + ", ".join(missing))
+
+
+def _seconds(value: str, name: str) -> int:
+    if not _SECONDS.fullmatch(value):
+        raise SignatureError(f"malformed {name}")
+    return int(value)
+
+
+def _v2_signature_value(value: str) -> str:
+    if not _V2_SIGNATURE.fullmatch(value):
+        raise SignatureError("malformed signature")
+    return value
 
 
 def _check_algorithm(algorithm: str) -> None:
     if algorithm == ALGORITHM:
         return
-    if algorithm == "AWS":
-        raise SignatureError("unsupported: signature version 2")
     if algorithm == SIGV4A_ALGORITHM:
         raise SignatureError("unsupported: signature version 4A")
     raise SignatureError("unsupported signing algorithm")
@@ -187,13 +273,18 @@ def _header_timestamp(request: Request) -> str:
     date = request.header("date")
     if date is None:
         raise SignatureError("missing x-amz-date or Date header")
+    return _parse_http_date(date).strftime(SIGV4_TIMESTAMP)
+
+
+def _parse_http_date(value: str) -> datetime:
+    """An HTTP date (Date; x-amz-date under SigV2) in UTC."""
     try:
-        parsed = parsedate_to_datetime(date)
+        parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        raise SignatureError("malformed Date header") from None
+        raise SignatureError("malformed request date") from None
     if parsed.tzinfo is None:  # RFC 5322 "-0000": UTC with no zone information
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc).strftime(SIGV4_TIMESTAMP)
+    return parsed.astimezone(timezone.utc)
 
 
 def _parse_timestamp(amz_date: str) -> datetime:
@@ -207,20 +298,34 @@ def _parse_timestamp(amz_date: str) -> datetime:
 
 # --- Verifying and re-signing -------------------------------------------------------------------
 
-def verify(request: Request, signature: SigV4Signature, secret_access_key: str, now: datetime) -> None:
+def verify(request: Request, signature: SigV4Signature | SigV2Signature, secret_access_key: str,
+           now: datetime) -> None:
     """Raise SignatureError unless `signature` is the client's valid signature of `request` at `now`
     (a timezone-aware datetime)."""
-    _check_time(signature, now)
-    _check_signed_header_set(request, signature)
-    expected = _request_signature(request, signature, secret_access_key, signature.signed_headers)
+    if isinstance(signature, SigV2Signature):
+        _check_v2_time(signature, now)
+        _check_v2_subresources(request)
+        expected = v2_signature(secret_access_key, v2_string_to_sign(request, signature))
+    else:
+        _check_time(signature, now)
+        _check_signed_header_set(request, signature)
+        expected = _request_signature(request, signature, secret_access_key, signature.signed_headers)
     if not hmac.compare_digest(expected, signature.signature):
         raise SignatureError("signature does not match")
 
 
-def resign(request: Request, signature: SigV4Signature, secret_access_key: str, *,
-           added_headers: Iterable[str]) -> tuple[Request, str]:
-    """`request` signed again with the client's key id, date, scope and payload hash, now also over
-    `added_headers`; returns it with the new (seed) signature."""
+def resign(request: Request, signature: SigV4Signature | SigV2Signature, secret_access_key: str, *,
+           added_headers: Iterable[str], region: str = "us-east-1",
+           now: datetime | None = None) -> tuple[Request, str]:
+    """`request` signed again, now also over `added_headers`; returns it with the new (seed) signature.
+
+    SigV4: with the client's key id, date, scope and payload hash (`region` and `now` are not used).
+    SigV2: with SigV4 header auth for `region` at `now` (timezone-aware; default: the current time),
+    in place of the client's SigV2 authentication.
+    """
+    if isinstance(signature, SigV2Signature):
+        request, signature = _as_sigv4_header_auth(request, signature, region,
+                                                   now or datetime.now(timezone.utc))
     names = tuple(sorted(set(signature.signed_headers) | {name.lower() for name in added_headers}))
     if signature.style == "header":
         new_signature = _request_signature(request, signature, secret_access_key, names)
@@ -249,6 +354,40 @@ def _check_time(auth: SigV4Signature, now: datetime) -> None:
         raise SignatureError("request is not yet valid")
     if now > signed_at + timedelta(seconds=auth.expires):
         raise SignatureError("request has expired")
+
+
+def _check_v2_time(auth: SigV2Signature, now: datetime) -> None:
+    if auth.style == "v2-query":
+        if now.timestamp() > auth.expires:
+            raise SignatureError("request has expired")
+    elif abs(now - _parse_http_date(auth.date)) > MAX_CLOCK_SKEW:
+        raise SignatureError("request time too skewed")
+
+
+def _check_v2_subresources(request: Request) -> None:
+    unsigned = sorted({name for name, _ in _query_pairs(request.raw_query)} & V2_UNSIGNED_SUBRESOURCES)
+    if unsigned:
+        raise SignatureError("unsupported: signature version 2 does not sign sub-resources: "
+                             + ", ".join(unsigned))
+
+
+def _as_sigv4_header_auth(request: Request, auth: SigV2Signature, region: str,
+                          now: datetime) -> tuple[Request, SigV4Signature]:
+    """`request` stripped of its SigV2 authentication and dated `now`, with the SigV4 fields to sign it
+    under: host, every x-amz-* header, and Content-Type and Content-MD5 when present (what the SigV2
+    signature covered). SigV2 never signed the body, so neither does this: UNSIGNED-PAYLOAD."""
+    if auth.style == "v2-query":
+        request = _without_query_parameters(request, V2_QUERY_AUTH_PARAMETERS)
+    amz_date = now.astimezone(timezone.utc).strftime(SIGV4_TIMESTAMP)
+    # Date (or an HTTP-date x-amz-date) dated the SigV2 signature; x-amz-date now dates the SigV4 one.
+    request = request.with_header_map({"Authorization": None, "Date": None, "x-amz-date": amz_date,
+                                       "x-amz-content-sha256": UNSIGNED_PAYLOAD})
+    present = {name.lower() for name, _ in request.headers}
+    names = ({"host"} | (present & {"content-type", "content-md5"})
+             | {name for name in present if name.startswith("x-amz-")})
+    return request, SigV4Signature("header", auth.access_key_id, amz_date, amz_date[:8], region, "s3",
+                                   tuple(sorted(names)), signature="", payload_hash=UNSIGNED_PAYLOAD,
+                                   expires=None)
 
 
 def _check_signed_header_set(request: Request, auth: SigV4Signature) -> None:
@@ -280,6 +419,14 @@ def _with_query_value(request: Request, name: str, value: str) -> Request:
             parts[index] = f"{raw_name}={uri_encode(value.encode())}"
             return request.with_target(f"{request.path}?{'&'.join(parts)}")
     raise SignatureError(f"{name} missing from the request target")
+
+
+def _without_query_parameters(request: Request, names: Iterable[str]) -> Request:
+    """`request` without the query parameters `names`, every other byte of the target kept."""
+    skip = {name.encode() for name in names}
+    kept = "&".join(part for part in request.raw_query.split("&")
+                    if _form_decode(part.partition("=")[0]) not in skip)
+    return request.with_target(f"{request.path}?{kept}" if kept else request.path)
 
 
 # --- The signing steps --------------------------------------------------------------------------
@@ -391,11 +538,88 @@ def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# --- The Signature Version 2 signing steps ------------------------------------------------------
+
+def v2_string_to_sign(request: Request, auth: SigV2Signature) -> str:
+    """Verb, Content-MD5, Content-Type and Date (presigned: Expires) lines, then
+    CanonicalizedAmzHeaders and CanonicalizedResource."""
+    if auth.style == "v2-query":
+        date = str(auth.expires)
+    else:
+        # An x-amz-date header replaces Date, and is signed among the x-amz-* headers instead.
+        date = "" if request.header("x-amz-date") is not None else auth.date
+    lines = [request.method.upper(), request.header("content-md5") or "",
+             request.header("content-type") or "", date]
+    return "".join(f"{line.strip()}\n" for line in lines) + canonicalized_amz_headers(request) \
+        + canonicalized_resource(request)
+
+
+def canonicalized_amz_headers(request: Request) -> str:
+    """'name:value\\n' for every x-amz-* header, names lowercased and sorted, values trimmed, repeats
+    joined with ','. x-amz-* query parameters count as headers: SDKs move them into presigned URLs."""
+    values: dict[str, list[str]] = {}
+    query = ((name, value or "") for name, value in _query_pairs(request.raw_query))
+    for name, value in (*request.headers, *query):
+        if name.lower().startswith("x-amz-"):
+            values.setdefault(name.lower(), []).append(value.strip())
+    return "".join(f"{name}:{','.join(values[name])}\n" for name in sorted(values))
+
+
+def canonicalized_resource(request: Request) -> str:
+    """The path as sent (not decoded) under '/<bucket>', then the signed sub-resources.
+
+    A virtual-hosted AWS host name carries the bucket, which is put in front of the path. A request
+    addressing only a bucket ends in '/', the form SDKs sign for path-style requests too.
+    """
+    path = request.path or "/"
+    bucket = _virtual_hosted_bucket(request)
+    if bucket is not None:
+        path = f"/{bucket}{path}"
+    elif path.count("/") == 1 and path != "/":
+        path += "/"
+    return path + _signed_subresources(request.raw_query)
+
+
+def _signed_subresources(raw_query: str) -> str:
+    """'?name[=value]&…' for the query's sub-resources, sorted by name, values decoded (not encoded)."""
+    pairs = sorted(((name, value) for name, value in _query_pairs(raw_query) if name in V2_SUBRESOURCES),
+                   key=lambda pair: pair[0])
+    if not pairs:
+        return ""
+    return "?" + "&".join(name if value is None else f"{name}={value}" for name, value in pairs)
+
+
+def _virtual_hosted_bucket(request: Request) -> str | None:
+    match = _AWS_VIRTUAL_HOST.fullmatch((request.header("host") or request.authority).lower())
+    return match["bucket"] if match else None
+
+
+def _query_pairs(raw_query: str) -> list[tuple[str, str | None]]:
+    """(name, value) for each query parameter, decoded; value None when the parameter has no '='.
+    Bytes that are not UTF-8 survive as surrogates, so the string to sign keeps them."""
+    pairs = []
+    for part in raw_query.split("&"):
+        if part:
+            raw_name, separator, raw_value = part.partition("=")
+            pairs.append((_form_decode(raw_name).decode("utf-8", "surrogateescape"),
+                          _form_decode(raw_value).decode("utf-8", "surrogateescape") if separator else None))
+    return pairs
+
+
+def v2_signature(secret_access_key: str, string_to_sign: str) -> str:
+    """Base64(HMAC-SHA1(secret, UTF-8 string to sign))."""
+    digest = hmac.new(secret_access_key.encode(), string_to_sign.encode("utf-8", "surrogateescape"),
+                      hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
 # --- aws-chunked bodies -------------------------------------------------------------------------
 
-def body_resigner(signature: SigV4Signature, secret_access_key: str,
+def body_resigner(signature: SigV4Signature | SigV2Signature, secret_access_key: str,
                   new_seed_signature: str) -> Callable[[bytes], bytes] | None:
     """The stream callable re-signing the body's chunks, or None when its bytes need no change."""
+    if isinstance(signature, SigV2Signature):
+        return None  # SigV2 signs no chunks, and the SigV4 request goes UNSIGNED-PAYLOAD
     if signature.payload_hash in (STREAMING_PAYLOAD, STREAMING_PAYLOAD_TRAILER):
         return AwsChunkedResigner(secret_access_key=secret_access_key, signature=signature,
                                   new_seed_signature=new_seed_signature)
