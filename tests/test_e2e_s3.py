@@ -46,6 +46,7 @@ def s3(ca):
 def plain_s3(ca):
     with S3Upstream(None, {ACCESS_KEY: SECRET}, tls=False) as upstream:
         upstream.create_bucket("payroll-plain")
+        upstream.create_bucket("public-plain")
         yield upstream
 
 
@@ -252,6 +253,16 @@ def test_http_upstream_under_an_encrypt_rule_is_refused(app_env, plain_s3):
     plain_s3.clear_requests()
     status, _ = error_of(lambda: app_client(plain_s3.endpoint_url).put_object(Bucket="payroll-plain", Key="a", Body=b"x"))
     assert status == 403
+    assert plain_s3.requests == []
+
+
+def test_client_key_headers_over_plain_http_are_refused(app_env, plain_s3):
+    """The application's own SSE-C key would cross the network in the clear: keycourier stops it."""
+    plain_s3.clear_requests()
+    client = app_client(plain_s3.endpoint_url)
+    own_key = os.urandom(32)
+    assert error_of(lambda: client.put_object(Bucket="public-plain", Key="a", Body=b"x", SSECustomerAlgorithm="AES256",
+                                              SSECustomerKey=own_key)) == (400, "InvalidRequest")
     assert plain_s3.requests == []
 
 
