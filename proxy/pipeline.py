@@ -70,14 +70,12 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         audit = replace(audit, bucket=operation.bucket, operation=operation.name)
         rule, source_rule = match_policy(policy, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
-        client_keys = dialect.client_key_headers(request)
-        if client_keys and rule.action == "encrypt":
-            raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
+        client_keys = check_client_keys(dialect, request, rule)
         key_names = keys_to_inject(operation, rule, source_rule)
         check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys), injects_key=any(key_names))
         key, source_key = (get_key(policy, secrets, name) for name in key_names)
         if key:
-            audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=key.md5_b64)
+            audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
         rendered, added = render_dialect(dialect, request, key, source_key)
         signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
                                now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
@@ -110,6 +108,14 @@ def _rule_for(policy: Policy, provider: str, bucket: str | None, object_key: str
     if rule.action == "deny":
         raise Refused(403, "AccessDenied", f"{rule.name} denies access to {where}", "deny")
     return rule
+
+
+def check_client_keys(dialect: ModuleType, request: Request, rule: Rule) -> list[str]:
+    """The key headers the application sent itself; refused where keycourier supplies the key."""
+    client_keys = dialect.client_key_headers(request)
+    if client_keys and rule.action == "encrypt":
+        raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
+    return client_keys
 
 
 def keys_to_inject(operation: Operation, rule: Rule, source_rule: Rule | None) -> tuple[str | None, str | None]:

@@ -118,6 +118,11 @@ def client_key_headers(request: Request) -> list[str]:
                    if name.lower().startswith((SSE_C_PREFIX, COPY_SOURCE_SSE_C_PREFIX))})
 
 
+def key_fingerprint(key: Key) -> str:
+    """What S3 itself sees of the key, safe to log."""
+    return key.md5_b64
+
+
 def render_key(request: Request, key: Key | None, source_key: Key | None) -> tuple[Request, list[str]]:
     """The request with SSE-C headers for `key` (object) and `source_key` (copy source); the names added."""
     headers: dict[str, str] = {}
