@@ -72,18 +72,16 @@ class KeyCourier:
         )
         self._decisions[flow] = decision
         if isinstance(decision, pipeline.Refuse):
-            body = b"" if request.method == "HEAD" else decision.body
-            flow.response = http.Response.make(decision.refusal.status, body, {
+            flow.response = http.Response.make(decision.refusal.status, b"" if request.method == "HEAD" else decision.body, {
                 "content-type": decision.content_type,
                 "x-keycourier-error": header_safe(decision.refusal.message),
             })
-        elif decision.request != request:
-            apply_request(flow.request, decision.request)
-        if not flow.response:
-            flow.request.stream = decision.body or True
-        if isinstance(decision, pipeline.Refuse):
             log.warning(f"{audit_line(request, decision.audit)}: {decision.refusal.message}")
-        elif decision.audit.provider:
+            return
+        if decision.request != request:
+            apply_request(flow.request, decision.request)
+        flow.request.stream = decision.body or True
+        if decision.audit.provider:
             log.info(audit_line(request, decision.audit))
 
     def responseheaders(self, flow: http.HTTPFlow):
@@ -109,9 +107,9 @@ class KeyCourier:
         """Once sent, key headers are replaced by a marker, so no log or saved flow holds them."""
         decision = self._decisions.get(flow)
         if isinstance(decision, pipeline.Forward) and decision.secret_headers:
-            flow.request.headers = http.Headers(_encode(redact_headers(plain_request(flow.request).headers, decision.secret_headers)))
+            flow.request.headers = _redacted(flow.request.headers, decision.secret_headers)
         if flow.response:
-            flow.response.headers = http.Headers(_encode(redact_headers(tuple(flow.response.headers.items(multi=True)), pipeline.SECRET_HEADERS)))
+            flow.response.headers = _redacted(flow.response.headers, pipeline.SECRET_HEADERS)
 
 
 def plain_request(request: http.Request) -> Request:
@@ -124,6 +122,10 @@ def plain_request(request: http.Request) -> Request:
 def apply_request(request: http.Request, plain: Request) -> None:
     request.path = plain.target
     request.headers = http.Headers(_encode(plain.headers))
+
+
+def _redacted(headers: http.Headers, secret_names) -> http.Headers:
+    return http.Headers(_encode(redact_headers(tuple(headers.items(multi=True)), secret_names)))
 
 
 def _encode(headers) -> list[tuple[bytes, bytes]]:

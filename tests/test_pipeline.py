@@ -46,12 +46,12 @@ rules:
 """, base_dir=tmp_path)
 
 
-def signed(method, path, *, host="127.0.0.1", port=9000, scheme="https", secret=SECRET, headers=None):
-    """A request as boto3 would send it, signed by botocore at NOW."""
+def signed(method, path, *, host="127.0.0.1", port=9000, scheme="https", secret=SECRET, headers=None, at=NOW):
+    """A request as boto3 would send it, signed by botocore at `at`."""
     authority = host if port in (80, 443) else f"{host}:{port}"
     request = AWSRequest(method=method, url=f"{scheme}://{authority}{path}", headers={
         "x-amz-content-sha256": "UNSIGNED-PAYLOAD", **(headers or {})})
-    with mock.patch("botocore.auth.get_current_datetime", return_value=NOW.replace(tzinfo=None)):
+    with mock.patch("botocore.auth.get_current_datetime", return_value=at.replace(tzinfo=None)):
         S3SigV4Auth(Credentials(ACCESS_KEY, secret), "s3", "us-east-1").add_auth(request)
     prepared = request.prepare()
     target = prepared.url.split(authority, 1)[1]
