@@ -15,7 +15,7 @@ from proxy.dialects import BadRequest, Operation
 from proxy.dialects import s3 as s3_dialect
 from proxy.keys import Key, KeyUnavailable, Secrets
 from proxy.message import Request
-from proxy.policy import Policy, Rule
+from proxy.policy import Endpoint, Policy, Rule
 from proxy.refusals import Refusal, Refused
 from proxy.signers import s3 as s3_signer
 from proxy.tls import check_tls
@@ -66,7 +66,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
     dialect = DIALECTS[endpoint.provider]
     audit = Audit(provider=endpoint.provider)
     try:
-        operation = classify(request, dialect)
+        operation = classify(request, dialect, endpoint)
         audit = replace(audit, bucket=operation.bucket, operation=operation.name)
         rule, source_rule = match_policy(policy, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
@@ -85,9 +85,9 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
 
 
-def classify(request: Request, dialect: ModuleType) -> Operation:
+def classify(request: Request, dialect: ModuleType, endpoint: Endpoint) -> Operation:
     try:
-        return dialect.classify(request)
+        return dialect.classify(request, endpoint.host)
     except BadRequest as exc:
         raise Refused(400, "InvalidRequest", str(exc), "bad_request") from None
 

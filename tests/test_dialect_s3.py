@@ -112,3 +112,16 @@ def test_client_key_headers_are_found_case_insensitively():
 ])
 def test_signing_region(host, configured, region):
     assert s3.signing_region(request("GET", "/b/k", host=host, port=443), configured) == region
+
+
+@pytest.mark.parametrize("host, endpoint, bucket, key", [
+    ("payroll.minio.internal", "*.minio.internal:9000", "payroll", "dir/x.csv"),
+    ("pay.roll.minio.internal", "*.minio.internal", "pay.roll", "dir/x.csv"),
+    ("minio.internal", "*.minio.internal:9000", "dir", "x.csv"),  # the domain itself: path style
+    ("minio.internal", "minio.internal:9000", "dir", "x.csv"),
+    ("s3.amazonaws.com", "*.amazonaws.com", "dir", "x.csv"),  # AWS's service host is path style
+    ("payroll.s3.amazonaws.com", "*.amazonaws.com", "payroll", "dir/x.csv"),
+])
+def test_custom_endpoints_with_a_wildcard_are_virtual_hosted(host, endpoint, bucket, key):
+    operation = s3.classify(request("PUT", "/dir/x.csv", host=host, port=9000), endpoint)
+    assert (operation.bucket, operation.object_key) == (bucket, key)

@@ -24,6 +24,8 @@ COPY_OPERATIONS = frozenset({"CopyObject", "UploadPartCopy"})
 
 # <bucket>.s3[.-<region>|.dualstack|-accelerate...].amazonaws.com[.cn]
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
+# s3[.-<region>...].amazonaws.com[.cn]: AWS's own service host, addressed path-style.
+_AWS_SERVICE_HOST = re.compile(r"^s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
 
 # s3.<region>.amazonaws.com, s3-<region>.amazonaws.com, s3.dualstack.<region>.amazonaws.com
 _REGION_IN_HOST = re.compile(r"\.?s3[.-](?:dualstack\.)?(?P<region>[a-z]{2}(?:-[a-z]+)+-\d)\.amazonaws\.com(?:\.cn)?$")
@@ -44,8 +46,10 @@ _OBJECT_VERBS = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "
 _BUCKET_VERBS = {"GET": "ListObjects", "HEAD": "HeadBucket", "PUT": "CreateBucket", "DELETE": "DeleteBucket"}
 
 
-def classify(request: Request) -> Operation:
-    bucket, object_key = _bucket_and_key(request)
+def classify(request: Request, endpoint_host: str = "") -> Operation:
+    """`endpoint_host` is the policy endpoint's host glob: `*.<domain>` there means buckets may be
+    addressed virtual-hosted under <domain>, as boto3 does by default for custom endpoint names."""
+    bucket, object_key = _bucket_and_key(request, endpoint_host)
     params = {name for name, _ in request.query}
     method = request.method.upper()
     if bucket is None:
@@ -58,14 +62,25 @@ def classify(request: Request) -> Operation:
     return Operation(PROVIDER, name, bucket, object_key, copy_source, takes_key=name in KEY_OPERATIONS)
 
 
-def _bucket_and_key(request: Request) -> tuple[str | None, str | None]:
+def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
     path = unquote(request.path)
-    virtual = _VIRTUAL_HOSTED.match(request.host)
-    if virtual:
-        return virtual["bucket"], path.removeprefix("/") or None
-    # Path style: /bucket/key. Custom endpoints and IP addresses are always path style.
+    bucket = _bucket_in_host(request.host.lower(), endpoint_host.lower().split(":")[0])
+    if bucket:
+        return bucket, path.removeprefix("/") or None
+    # Path style: /bucket/key (service hosts, IP addresses, custom endpoints named exactly).
     bucket, _, object_key = path.removeprefix("/").partition("/")
     return bucket or None, object_key or None
+
+
+def _bucket_in_host(host: str, endpoint_glob: str) -> str | None:
+    if _AWS_SERVICE_HOST.match(host):
+        return None
+    if virtual := _VIRTUAL_HOSTED.match(host):
+        return virtual["bucket"]
+    domain = endpoint_glob[1:] if endpoint_glob.startswith("*.") else None
+    if domain and host.endswith(domain) and len(host) > len(domain):
+        return host[: -len(domain)]
+    return None
 
 
 def _bucket_operation(method: str, params: set[str]) -> str:
