@@ -125,3 +125,11 @@ def test_signing_region(host, configured, region):
 def test_custom_endpoints_with_a_wildcard_are_virtual_hosted(host, endpoint, bucket, key):
     operation = s3.classify(request("PUT", "/dir/x.csv", host=host, port=9000), endpoint)
     assert (operation.bucket, operation.object_key) == (bucket, key)
+
+
+@pytest.mark.parametrize("method, target", [
+    ("PATCH", "/b/k"), ("PROPFIND", "/b"), ("POST", "/"), ("GET", "/b?made-up-subresource-123"),
+])
+def test_operation_names_never_come_from_client_input(method, target):
+    name = s3.classify(request(method, target)).name
+    assert name in {"Other", "ListObjects"} and "123" not in name and method.title() not in name

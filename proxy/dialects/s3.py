@@ -44,6 +44,17 @@ _OBJECT_SUBRESOURCES = {
 }
 _OBJECT_VERBS = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject"}
 _BUCKET_VERBS = {"GET": "ListObjects", "HEAD": "HeadBucket", "PUT": "CreateBucket", "DELETE": "DeleteBucket"}
+# Bucket configuration sub-resources, named as in the S3 API (GetBucketVersioning, PutBucketPolicy, ...).
+_BUCKET_SUBRESOURCES = {
+    "accelerate": "Accelerate", "acl": "Acl", "analytics": "Analytics", "cors": "Cors", "encryption": "Encryption",
+    "intelligent-tiering": "IntelligentTiering", "inventory": "Inventory", "lifecycle": "Lifecycle",
+    "location": "Location", "logging": "Logging", "metrics": "Metrics", "notification": "Notification",
+    "object-lock": "ObjectLock", "ownershipControls": "OwnershipControls", "policy": "Policy",
+    "policyStatus": "PolicyStatus", "publicAccessBlock": "PublicAccessBlock", "replication": "Replication",
+    "requestPayment": "RequestPayment", "tagging": "Tagging", "versioning": "Versioning", "website": "Website",
+}
+# Names come only from the tables above, so logs and metric labels stay a bounded vocabulary.
+OTHER_OPERATION = "Other"
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
@@ -53,7 +64,7 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
     params = {name for name, _ in request.query}
     method = request.method.upper()
     if bucket is None:
-        name = "ListBuckets" if method == "GET" else f"Service{method.title()}"
+        name = "ListBuckets" if method == "GET" else OTHER_OPERATION
     elif object_key is None:
         name = _bucket_operation(method, params)
     else:
@@ -92,11 +103,10 @@ def _bucket_operation(method: str, params: set[str]) -> str:
         return "ListObjectVersions"
     if method == "GET" and params & {"list-type"}:
         return "ListObjectsV2"
-    subresource = sorted(params - {"list-type", "prefix", "delimiter", "max-keys", "marker", "encoding-type",
-                                   "continuation-token", "start-after", "fetch-owner", "x-id"})
-    if subresource:
-        return f"{method.title()}Bucket{subresource[0].title().replace('-', '')}"
-    return _BUCKET_VERBS.get(method, f"Bucket{method.title()}")
+    configured = sorted(params & _BUCKET_SUBRESOURCES.keys())
+    if configured and method in ("GET", "PUT", "DELETE"):
+        return f"{method.title()}Bucket{_BUCKET_SUBRESOURCES[configured[0]]}"
+    return _BUCKET_VERBS.get(method, OTHER_OPERATION)
 
 
 def _object_operation(method: str, params: set[str], request: Request) -> str:
@@ -107,7 +117,7 @@ def _object_operation(method: str, params: set[str], request: Request) -> str:
         return "UploadPartCopy" if request.header("x-amz-copy-source") else "UploadPart"
     if method == "PUT" and request.header("x-amz-copy-source"):
         return "CopyObject"
-    return _OBJECT_VERBS.get(method, f"Object{method.title()}")
+    return _OBJECT_VERBS.get(method, OTHER_OPERATION)
 
 
 def _copy_source(request: Request) -> tuple[str, str]:
