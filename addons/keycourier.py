@@ -7,7 +7,7 @@ import weakref
 
 from mitmproxy import ctx, exceptions, http
 
-from proxy import pipeline
+from proxy import metrics, pipeline
 from proxy.keys import Secrets
 from proxy.message import Request
 from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
@@ -26,9 +26,11 @@ class KeyCourier:
         # Decisions hold key material until it is sent: kept beside the flow, never in flow.metadata,
         # which mitmproxy saves and prints.
         self._decisions: weakref.WeakKeyDictionary[http.HTTPFlow, pipeline.Forward | pipeline.Refuse] = weakref.WeakKeyDictionary()
+        self._metrics_server = None
 
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
+        loader.add_option("keycourier_metrics", str, "", "host:port serving /metrics, /healthz and /readyz; empty: none.")
 
     def configure(self, updated):
         if "keycourier_policies" not in updated:
@@ -37,27 +39,38 @@ class KeyCourier:
             self.policy_file = PolicyFile(ctx.options.keycourier_policies)
         except PolicyError as exc:
             raise exceptions.OptionsError(f"invalid policy: {exc}") from None
-        self._policy_took_effect()
+        self._policy_took_effect(reload_outcome=None)
 
     def running(self):
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_policy())
+        if ctx.options.keycourier_metrics and self._metrics_server is None:
+            host, _, port = ctx.options.keycourier_metrics.rpartition(":")
+            self._metrics_server = metrics.serve(host, int(port), self._readiness)
+            log.info(f"metrics, /healthz and /readyz at http://{ctx.options.keycourier_metrics}")
 
     def done(self):
         if self._watcher:
             self._watcher.cancel()
+        if self._metrics_server:
+            self._metrics_server.shutdown()
+
+    def _readiness(self) -> str | None:
+        return self.secrets.vault_problem(self.policy_file.current)
 
     async def _watch_policy(self):
         while True:
             await asyncio.sleep(POLICY_POLL_SECONDS)
             result = await asyncio.to_thread(self.policy_file.reload_if_changed)
             if isinstance(result, PolicyError):
+                metrics.record_policy(len(self.policy_file.current.rules), "failure")
                 log.error(f"policy reload refused, keeping the previous policy: {result}")
             elif result:
-                self._policy_took_effect()
+                self._policy_took_effect(reload_outcome="success")
 
-    def _policy_took_effect(self):
+    def _policy_took_effect(self, reload_outcome: str | None):
         policy = self.policy_file.current
+        metrics.record_policy(len(policy.rules), reload_outcome)
         # Only the policy's endpoints are intercepted; every other host is tunnelled untouched.
         ctx.options.update(allow_hosts=endpoint_host_regexes(policy) or [r"^$"])
         log.info(f"policy {policy.source} in force: {len(policy.rules)} rules, {len(policy.endpoints)} endpoints")
@@ -71,6 +84,8 @@ class KeyCourier:
             policy=self.policy_file.current, secrets=self.secrets,
         )
         self._decisions[flow] = decision
+        if decision.audit.provider:
+            metrics.record_decision(decision.audit)
         if isinstance(decision, pipeline.Refuse):
             flow.response = http.Response.make(decision.refusal.status, b"" if request.method == "HEAD" else decision.body, {
                 "content-type": decision.content_type,
@@ -80,9 +95,11 @@ class KeyCourier:
             return
         if decision.request != request:
             apply_request(flow.request, decision.request)
-        flow.request.stream = decision.body or True
         if decision.audit.provider:
+            flow.request.stream = metrics.counting(decision.audit.provider, "upload", decision.body)
             log.info(audit_line(request, decision.audit))
+        else:
+            flow.request.stream = decision.body or True
 
     def responseheaders(self, flow: http.HTTPFlow):
         self._scrub(flow)
@@ -91,11 +108,16 @@ class KeyCourier:
             return
         # Provider errors are small and their code is in the body: keep them whole to explain them.
         is_small_error = flow.response.status_code >= 400 and int(flow.response.headers.get("content-length", "0") or 0) <= ERROR_BODY_LIMIT
-        flow.response.stream = not is_small_error
+        if not is_small_error:
+            flow.response.stream = metrics.counting(decision.audit.provider, "download") if decision.audit.provider else True
 
     def response(self, flow: http.HTTPFlow):
         decision = self._decisions.get(flow)
-        if isinstance(decision, pipeline.Forward) and decision.audit.provider and flow.response.status_code >= 400:
+        if not isinstance(decision, pipeline.Forward) or not decision.audit.provider:
+            return
+        metrics.UPSTREAM_SECONDS.labels(decision.audit.provider).observe(
+            flow.response.timestamp_start - flow.request.timestamp_start)
+        if flow.response.status_code >= 400:
             explanation = explain_upstream_error(decision.audit, flow.response.status_code, flow.response.content or b"")
             if explanation:
                 log.warning(explanation)

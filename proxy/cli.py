@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-ca", type=Path, help="PEM CA trusted for upstreams, in addition to the system's")
     run.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR, help="where the interception CA lives")
     run.add_argument("--save-flows", type=Path, help="write flows (key headers redacted) to this file")
+    run.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics, /healthz and /readyz listen")
+    run.add_argument("--metrics-port", type=int, default=9464)
     run.set_defaults(command=_run)
 
     check = commands.add_parser("check", help="validate a policy file")
@@ -102,6 +104,7 @@ def _run(args) -> int:
         # Reverse mode: keep the Host the client signed; the pipeline sets the upstream's and re-signs.
         "keep_host_header": True,
         "keycourier_policies": str(args.policies),
+        "keycourier_metrics": f"{args.metrics_host}:{args.metrics_port}",
     }
     if args.save_flows:
         options["save_stream_file"] = str(args.save_flows)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from proxy import metrics
 from proxy.policy import Policy, SecretSpec, VaultSecretRef
 from proxy.vault import Vault, VaultError
 
@@ -96,7 +97,9 @@ class TtlCache:
         with lock:
             cached = self._entries.get(entry)
             if cached and self.clock() < cached[0]:
+                metrics.KEY_CACHE.labels("hit").inc()
                 return cached[1]
+            metrics.KEY_CACHE.labels("miss").inc()
             value = load()
             self._entries[entry] = (self.clock() + ttl, value)
             return value
@@ -149,6 +152,15 @@ class Secrets:
             return self._vault(policy).read_kv2(ref)
         except VaultError as exc:
             raise KeyUnavailable(f"{what}: {exc}") from None
+
+    def vault_problem(self, policy: Policy) -> str | None:
+        """Why Vault cannot serve this policy's keys right now, or None (also when it needs no Vault)."""
+        if not policy.needs_vault:
+            return None
+        try:
+            return self._vault(policy).problem()
+        except VaultError as exc:
+            return str(exc)
 
     def _vault(self, policy: Policy) -> Vault:
         # One client (and login) per Vault configuration, kept across policy reloads.

@@ -70,6 +70,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         audit = replace(audit, bucket=operation.bucket, operation=operation.name)
         rule, source_rule = match_policy(policy, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
+        enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(dialect, request, rule)
         key_names = keys_to_inject(operation, rule, source_rule)
         check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys), injects_key=any(key_names))
@@ -101,13 +102,22 @@ def match_policy(policy: Policy, operation: Operation) -> tuple[Rule, Rule | Non
 
 def _rule_for(policy: Policy, provider: str, bucket: str | None, object_key: str | None) -> Rule:
     rule = policy.rule_for(provider, bucket, object_key)
-    where = f"{bucket}/{object_key or ''}" if bucket else "the service"
     if rule is None:
         # Fail closed: a known object store with no rule for this bucket gets nothing through.
-        raise Refused(403, "AccessDenied", f"no rule in the policy covers {where}", "no_rule")
-    if rule.action == "deny":
-        raise Refused(403, "AccessDenied", f"{rule.name} denies access to {where}", "deny")
+        raise Refused(403, "AccessDenied", f"no rule in the policy covers {_where(bucket, object_key)}", "no_rule")
     return rule
+
+
+def enforce_deny(operation: Operation, rule: Rule, source_rule: Rule | None) -> None:
+    """A deny rule on the object, or on a copy's source object, stops the request."""
+    for denying, (bucket, object_key) in ((rule, (operation.bucket, operation.object_key)),
+                                          (source_rule, operation.copy_source or (None, None))):
+        if denying and denying.action == "deny":
+            raise Refused(403, "AccessDenied", f"{denying.name} denies access to {_where(bucket, object_key)}", "deny")
+
+
+def _where(bucket: str | None, object_key: str | None) -> str:
+    return f"{bucket}/{object_key or ''}" if bucket else "the service"
 
 
 def check_client_keys(dialect: ModuleType, request: Request, rule: Rule) -> list[str]:

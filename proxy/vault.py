@@ -10,11 +10,16 @@ import hvac
 import hvac.exceptions
 import requests
 
+from proxy import metrics
 from proxy.policy import VaultConfig, VaultSecretRef
 
 
 class VaultError(Exception):
     """A reason safe to show: names paths and addresses, never tokens or secret values."""
+
+    def __init__(self, reason: str, outcome: str = "error"):
+        super().__init__(reason)
+        self.outcome = outcome  # metric label: ok, not_found, denied, sealed, tls, unreachable, error
 
 
 class Vault:
@@ -53,29 +58,47 @@ class Vault:
         data = response["data"]
         return data["data"] or {}, data["metadata"]["version"]
 
+    def problem(self) -> str | None:
+        """GET /v1/sys/health: None when Vault is up and unsealed, else the reason."""
+        try:
+            self._call(lambda: self.client.sys.read_health_status(method="GET"), "sys/health")
+        except VaultError as exc:
+            return str(exc)
+        return None
+
     def _with_login(self, call, where: str):
         generation = self._ensure_login()
         try:
-            try:
-                return call()
-            except hvac.exceptions.Forbidden:
-                # The token may have expired since login: log in again once, then give up.
-                if self.auth.method == "token":
-                    raise
-                self._ensure_login(stale_generation=generation)
-                return call()
+            return self._call(call, where)
+        except VaultError as exc:
+            if self.auth.method == "token" or exc.outcome != "denied":
+                raise
+        # The token may have expired since login: log in again once, then give up.
+        self._ensure_login(stale_generation=generation)
+        return self._call(call, where)
+
+    def _call(self, call, where: str):
+        """One Vault request, timed and counted, its failure turned into a VaultError naming `where`."""
+        try:
+            with metrics.VAULT_SECONDS.time():
+                result = call()
         except hvac.exceptions.InvalidPath:
-            raise VaultError(f"Vault has no secret at {where}") from None
+            error = VaultError(f"Vault has no secret at {where}", "not_found")
         except hvac.exceptions.Forbidden:
-            raise VaultError(f"Vault denied access to {where} (permission denied)") from None
+            error = VaultError(f"Vault denied access to {where} (permission denied)", "denied")
         except hvac.exceptions.VaultDown:
-            raise VaultError(f"Vault at {self.addr} is sealed or down") from None
+            error = VaultError(f"Vault at {self.addr} is sealed or down", "sealed")
         except hvac.exceptions.VaultError as exc:
-            raise VaultError(f"Vault error reading {where}: {type(exc).__name__}") from None
+            error = VaultError(f"Vault refused {where}: {type(exc).__name__}")
         except requests.exceptions.SSLError:
-            raise VaultError(f"Vault at {self.addr} failed TLS verification") from None
+            error = VaultError(f"Vault at {self.addr} failed TLS verification", "tls")
         except requests.exceptions.RequestException:
-            raise VaultError(f"Vault at {self.addr} is unreachable") from None
+            error = VaultError(f"Vault at {self.addr} is unreachable", "unreachable")
+        else:
+            metrics.VAULT_REQUESTS.labels("ok").inc()
+            return result
+        metrics.VAULT_REQUESTS.labels(error.outcome).inc()
+        raise error
 
     def _ensure_login(self, stale_generation: int | None = None) -> int:
         """Logs in when there is no token yet, or when the token of `stale_generation` was refused."""
@@ -95,12 +118,8 @@ class Vault:
                 raise VaultError("no Vault token: set VAULT_TOKEN or vault.auth.token_file")
             return token
         secret_id = _read_secret_file(self.auth.secret_id_file, "AppRole secret_id file")
-        try:
-            response = self.client.auth.approle.login(role_id=self.auth.role_id, secret_id=secret_id, use_token=False)
-        except hvac.exceptions.VaultError as exc:
-            raise VaultError(f"AppRole login at {self.addr} failed: {type(exc).__name__}") from None
-        except requests.exceptions.RequestException:
-            raise VaultError(f"Vault at {self.addr} is unreachable") from None
+        response = self._call(lambda: self.client.auth.approle.login(role_id=self.auth.role_id, secret_id=secret_id,
+                                                                     use_token=False), "auth/approle/login")
         return response["auth"]["client_token"]
 
 

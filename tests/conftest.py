@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,13 @@ class Keycourier:
         self.policy_path = workdir / "policies.yaml"
         self.policy_path.write_text(policy_text)
         self.port = free_port()
+        self.metrics_port = free_port()
         self.log_path = workdir / "keycourier.log"
         self.flows_path = workdir / "flows.mitm"
         self.ca_cert = confdir / "mitmproxy-ca-cert.pem"
         command = [sys.executable, "-m", "proxy.cli", "run", "--policies", str(self.policy_path),
                    "--listen-port", str(self.port), "--confdir", str(confdir), "--mode", mode,
-                   "--save-flows", str(self.flows_path)]
+                   "--save-flows", str(self.flows_path), "--metrics-port", str(self.metrics_port)]
         if upstream_ca:
             command += ["--upstream-ca", str(upstream_ca)]
         clean_env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("VAULT_")}
@@ -78,6 +81,14 @@ class Keycourier:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"keycourier did not listen within {timeout}s:\n{self.log()}")
+
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with direct.open(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -19,6 +19,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials as BotoCredentials
 from botocore.exceptions import BotoCoreError, ClientError
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Keycourier
 from tests.upstreams.s3 import S3Upstream
@@ -412,3 +413,51 @@ def test_hosts_that_are_not_endpoints_are_tunnelled_without_interception(keycour
     assert response.status_code == 200 and response.json()["sealed"] is False
     with pytest.raises(requests.exceptions.SSLError):  # keycourier's CA is not the one that answered
         session.get(f"{vault.addr}/v1/sys/health", proxies={"https": keycourier.url}, verify=str(keycourier.ca_cert), timeout=10)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def rule_named(proxy: Keycourier, fragment: str) -> str:
+    line = next(n for n, text in enumerate(proxy.policy_path.read_text().splitlines(), 1) if fragment in text)
+    return f"rule{line}"
+
+
+def test_metrics_move_by_exactly_the_requests_made_and_carry_no_names_or_keys(app_env, s3, vault):
+    client = app_client(s3.endpoint_url)
+    _, before = app_env.scrape()
+    client.put_object(Bucket="payroll-eu", Key="metered/secret-plan.txt", Body=b"x" * 1000)
+    client.put_object(Bucket="public-web", Key="metered/page.html", Body=b"y" * 10)
+    error_of(lambda: client.put_object(Bucket="secret-x", Key="metered/a", Body=b"z"))
+    vault.set_down(True)
+    try:
+        status, reason = app_env.scrape("/readyz")
+        assert status == 503 and "unreachable" in reason
+        error_of(lambda: client.put_object(Bucket="outage-x", Key="metered/b", Body=b"z"))
+    finally:
+        vault.set_down(False)
+    assert app_env.scrape("/readyz") == (200, "ready\n") and app_env.scrape("/healthz") == (200, "ok\n")
+    _, after = app_env.scrape()
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    put = {"provider": "s3", "operation": "PutObject"}
+    assert delta("keycourier_requests_total", **put, rule=rule_named(app_env, '"payroll-*"'), action="encrypt", outcome="forwarded") == 1
+    assert delta("keycourier_requests_total", **put, rule=rule_named(app_env, '"public-*"'), action="passthrough", outcome="forwarded") == 1
+    assert delta("keycourier_requests_total", **put, rule=rule_named(app_env, "action: deny"), action="deny", outcome="refused") == 1
+    assert delta("keycourier_requests_total", **put, rule=rule_named(app_env, '"outage-*"'), action="encrypt", outcome="refused") == 1
+    assert delta("keycourier_refusals_total", reason="deny") == 1
+    assert delta("keycourier_refusals_total", reason="key_unavailable") == 1
+    assert delta("keycourier_keys_injected_total", provider="s3", key="payroll") == 1
+    assert delta("keycourier_body_bytes_total", provider="s3", direction="upload") >= 1010
+    assert delta("keycourier_upstream_seconds_count", provider="s3") == 2
+    assert delta("keycourier_vault_requests_total", outcome="unreachable") >= 1
+    for secret_or_name in ("payroll-eu", "public-web", "secret-plan", "metered", SECRET,
+                           *(base64.b64encode(key).decode() for key in KEYS.values())):
+        assert secret_or_name not in after

@@ -163,3 +163,9 @@ def test_a_body_failing_mid_stream_is_spoiled_at_its_announced_length():
     forward = spoil_on_error(resigner, ValueError)
     out = [forward(b"good"), forward(b"a bad one"), forward(b"more"), forward(b"")]
     assert out == [b"GOOD", bytes(9), bytes(4), b""]
+
+
+def test_copy_from_a_denied_source_is_refused(policy):
+    decision = run(policy, signed("PUT", "/archive-1/x", headers={"x-amz-copy-source": "/secret-x/plans.txt"}))
+    assert (decision.refusal.status, decision.refusal.reason) == (403, "deny")
+    assert "secret-x/plans.txt" in decision.refusal.message and decision.audit.rule is not None

@@ -1,0 +1,95 @@
+"""Prometheus metrics, and the listener that serves them with /healthz and /readyz.
+
+Label values come only from the policy (rule and key names) and from fixed vocabularies (providers,
+operations, actions, outcomes, refusal reasons): never from bucket or object names, never from secrets.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter("keycourier_requests", "Requests to policy endpoints, by what keycourier decided",
+                   ["provider", "operation", "rule", "action", "outcome"], registry=REGISTRY)
+REFUSALS = Counter("keycourier_refusals", "Requests keycourier answered itself, by reason", ["reason"], registry=REGISTRY)
+KEYS_INJECTED = Counter("keycourier_keys_injected", "Keys added to forwarded requests", ["provider", "key"], registry=REGISTRY)
+VAULT_REQUESTS = Counter("keycourier_vault_requests", "Vault reads and logins, by outcome", ["outcome"], registry=REGISTRY)
+VAULT_SECONDS = Histogram("keycourier_vault_request_seconds", "Time of Vault reads and logins", registry=REGISTRY)
+KEY_CACHE = Counter("keycourier_key_cache", "Key and credential look-ups, by cache result", ["result"], registry=REGISTRY)
+UPSTREAM_SECONDS = Histogram("keycourier_upstream_seconds", "Time from request start to the upstream's answer",
+                             ["provider"], registry=REGISTRY)
+BODY_BYTES = Counter("keycourier_body_bytes", "Body bytes streamed through keycourier", ["provider", "direction"],
+                     registry=REGISTRY)
+POLICY_RELOADS = Counter("keycourier_policy_reloads", "Policy file reloads, by outcome", ["outcome"], registry=REGISTRY)
+POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", registry=REGISTRY)
+POLICY_LOADED = Gauge("keycourier_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
+                      registry=REGISTRY)
+
+NONE = "none"
+
+
+def record_decision(audit) -> None:
+    """One intercepted request, from the pipeline's audit record."""
+    REQUESTS.labels(audit.provider, audit.operation or NONE, audit.rule or NONE, audit.action or NONE,
+                    audit.outcome).inc()
+    if audit.reason:
+        REFUSALS.labels(audit.reason).inc()
+    elif audit.key:
+        KEYS_INJECTED.labels(audit.provider, audit.key).inc()
+
+
+def record_policy(rules: int, reload_outcome: str | None) -> None:
+    if reload_outcome:
+        POLICY_RELOADS.labels(reload_outcome).inc()
+    if reload_outcome != "failure":
+        POLICY_RULES.set(rules)
+        POLICY_LOADED.set_to_current_time()
+
+
+def counting(provider: str, direction: str, transform: Callable[[bytes], bytes] | None = None) -> Callable[[bytes], bytes]:
+    """A body stream callable that counts the bytes it passes on."""
+    counter = BODY_BYTES.labels(provider, direction)
+
+    def count(data: bytes) -> bytes:
+        out = transform(data) if transform else data
+        counter.inc(len(out))
+        return out
+
+    return count
+
+
+class _Handler(BaseHTTPRequestHandler):
+    readiness: Callable[[], str | None]
+
+    def do_GET(self):
+        if self.path == "/metrics":
+            self._answer(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif self.path == "/healthz":
+            self._answer(200, b"ok\n")
+        elif self.path == "/readyz":
+            problem = self.readiness()
+            self._answer(503 if problem else 200, f"{problem or 'ready'}\n".encode())
+        else:
+            self._answer(404, b"not found: /metrics, /healthz, /readyz\n")
+
+    def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"):
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # scrapes every few seconds would drown the log
+        pass
+
+
+def serve(host: str, port: int, readiness: Callable[[], str | None]) -> ThreadingHTTPServer:
+    """Serves /metrics, /healthz (alive) and /readyz (`readiness` returns why not ready, or None)."""
+    handler = type("Handler", (_Handler,), {"readiness": staticmethod(readiness)})
+    server = ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="keycourier-metrics", daemon=True).start()
+    return server
