@@ -8,6 +8,7 @@ import weakref
 from mitmproxy import ctx, exceptions, http
 
 from proxy import metrics, pipeline
+from proxy.audit import FORMATS, audit_record, format_record
 from proxy.keys import Secrets
 from proxy.message import Request
 from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
@@ -31,6 +32,7 @@ class KeyCourier:
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
         loader.add_option("keycourier_metrics", str, "", "host:port serving /metrics, /healthz and /readyz; empty: none.")
+        loader.add_option("keycourier_log_format", str, "text", "Audit log lines as text or json.", choices=FORMATS)
 
     def configure(self, updated):
         if "keycourier_policies" not in updated:
@@ -91,13 +93,11 @@ class KeyCourier:
                 "content-type": decision.content_type,
                 "x-keycourier-error": header_safe(decision.refusal.message),
             })
-            log.warning(f"{audit_line(request, decision.audit)}: {decision.refusal.message}")
             return
         if decision.request != request:
             apply_request(flow.request, decision.request)
         if decision.audit.provider:
             flow.request.stream = metrics.counting(decision.audit.provider, "upload", decision.body)
-            log.info(audit_line(request, decision.audit))
         else:
             flow.request.stream = decision.body or True
 
@@ -112,6 +112,7 @@ class KeyCourier:
             flow.response.stream = metrics.counting(decision.audit.provider, "download") if decision.audit.provider else True
 
     def response(self, flow: http.HTTPFlow):
+        self._audit(flow)
         decision = self._decisions.get(flow)
         if not isinstance(decision, pipeline.Forward) or not decision.audit.provider:
             return
@@ -124,6 +125,22 @@ class KeyCourier:
 
     def error(self, flow: http.HTTPFlow):
         self._scrub(flow)
+        self._audit(flow)
+
+    def _audit(self, flow: http.HTTPFlow):
+        """One audit line per intercepted request, once its outcome is known."""
+        decision = self._decisions.get(flow)
+        if decision is None or not decision.audit.provider:
+            return
+        refusal = decision.refusal if isinstance(decision, pipeline.Refuse) else None
+        end = flow.response.timestamp_start if flow.response else (flow.error.timestamp if flow.error else flow.request.timestamp_start)
+        record = audit_record(
+            plain_request(flow.request), decision.audit, client=f"{flow.client_conn.peername[0]}",
+            status=flow.response.status_code if flow.response else None,
+            seconds=max(0.0, end - flow.request.timestamp_start),
+            message=refusal.message if refusal else (flow.error.msg if flow.error else None))
+        log.log(logging.WARNING if refusal or flow.error else logging.INFO,
+                format_record(record, ctx.options.keycourier_log_format))
 
     def _scrub(self, flow: http.HTTPFlow):
         """Once sent, key headers are replaced by a marker, so no log or saved flow holds them."""
@@ -152,10 +169,3 @@ def _redacted(headers: http.Headers, secret_names) -> http.Headers:
 
 def _encode(headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape")) for k, v in headers]
-
-
-def audit_line(request: Request, audit: pipeline.Audit) -> str:
-    key = f" key={audit.key} {audit.key_version} md5={audit.key_fingerprint}" if audit.key else ""
-    reason = f" reason={audit.reason}" if audit.reason else ""
-    return (f"{request.method} {audit.provider} bucket={audit.bucket} op={audit.operation} "
-            f"rule={audit.rule} action={audit.action}{key} -> {audit.outcome}{reason}")

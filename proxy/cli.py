@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--save-flows", type=Path, help="write flows (key headers redacted) to this file")
     run.add_argument("--metrics-host", default="127.0.0.1", help="where /metrics, /healthz and /readyz listen")
     run.add_argument("--metrics-port", type=int, default=9464)
+    run.add_argument("--log-format", choices=("text", "json"), default="text", help="audit log lines")
     run.set_defaults(command=_run)
 
     check = commands.add_parser("check", help="validate a policy file")
@@ -105,6 +106,7 @@ def _run(args) -> int:
         "keep_host_header": True,
         "keycourier_policies": str(args.policies),
         "keycourier_metrics": f"{args.metrics_host}:{args.metrics_port}",
+        "keycourier_log_format": args.log_format,
     }
     if args.save_flows:
         options["save_stream_file"] = str(args.save_flows)
