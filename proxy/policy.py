@@ -45,10 +45,15 @@ class SecretSpec:
 
 @dataclass(frozen=True)
 class VaultAuth:
-    method: Literal["token", "approle"]
-    token_file: Path | None = None
+    method: Literal["token", "approle", "kubernetes"]
+    token_file: Path | None = None  # token: a Vault token; kubernetes: the service account JWT
     role_id: str | None = None
     secret_id_file: Path | None = None
+    role: str | None = None
+    mount: str | None = None  # where the auth method is enabled, if not at its default path
+
+
+KUBERNETES_SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 @dataclass(frozen=True)
@@ -266,22 +271,38 @@ class _PolicyReader:
         section = self.mapping(value, "vault", line, optional={"addr", "namespace", "ca_cert", "auth"})
         auth = VaultAuth(method="token")
         if "auth" in section:
-            spec = self.mapping(section["auth"], "vault.auth", section.lines["auth"], required={"method"},
-                                optional={"token_file", "role_id", "secret_id_file"})
-            method = spec["method"]
-            if method == "token":
-                self.mapping(spec, "vault.auth (token)", spec.line, required={"method"}, optional={"token_file"})
-                auth = VaultAuth("token", token_file=self.path(spec, "token_file") if "token_file" in spec else None)
-            elif method == "approle":
-                self.mapping(spec, "vault.auth (approle)", spec.line, required={"method", "role_id", "secret_id_file"})
-                auth = VaultAuth("approle", role_id=self.string(spec, "role_id"), secret_id_file=self.path(spec, "secret_id_file"))
-            else:
-                raise _NodeError(spec.lines["method"], f"unknown vault auth method {method!r} (token, approle)")
+            auth = self.vault_auth(section["auth"], section.lines["auth"])
         return VaultConfig(
             addr=self.string(section, "addr") if "addr" in section else None,
             namespace=self.string(section, "namespace") if "namespace" in section else None,
             ca_cert=self.path(section, "ca_cert") if "ca_cert" in section else None,
             auth=auth,
+        )
+
+    # the fields each Vault auth method takes, beside `method` and `mount`
+    _AUTH_FIELDS = {
+        "token": (set(), {"token_file"}),
+        "approle": ({"role_id", "secret_id_file"}, set()),
+        "kubernetes": ({"role"}, {"token_file"}),
+    }
+
+    def vault_auth(self, value: Any, line: int) -> VaultAuth:
+        spec = self.mapping(value, "vault.auth", line, required={"method"},
+                            optional={"mount", "token_file", "role_id", "secret_id_file", "role"})
+        method = spec["method"]
+        if method not in self._AUTH_FIELDS:
+            raise _NodeError(spec.lines["method"], f"unknown vault auth method {method!r} ({', '.join(self._AUTH_FIELDS)})")
+        required, optional = self._AUTH_FIELDS[method]
+        self.mapping(spec, f"vault.auth ({method})", spec.line, required={"method", *required},
+                     optional={"mount", *optional} if method != "token" else optional)
+        token_file = self.path(spec, "token_file") if "token_file" in spec else None
+        return VaultAuth(
+            method,
+            token_file=token_file or (KUBERNETES_SERVICE_ACCOUNT_TOKEN if method == "kubernetes" else None),
+            role_id=self.string(spec, "role_id") if "role_id" in spec else None,
+            secret_id_file=self.path(spec, "secret_id_file") if "secret_id_file" in spec else None,
+            role=self.string(spec, "role") if "role" in spec else None,
+            mount=self.string(spec, "mount") if "mount" in spec else None,
         )
 
     def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool) -> SecretSpec:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import hvac
@@ -22,11 +24,26 @@ class VaultError(Exception):
         self.outcome = outcome  # metric label: ok, not_found, denied, sealed, tls, unreachable, error
 
 
+RENEW_AFTER = 2 / 3  # of the token's lease, as Vault Agent does, so a busy proxy never holds an expired token
+
+
+@dataclass
+class _Lease:
+    obtained: float
+    seconds: int  # 0: the token never expires
+    renewable: bool
+
+    def due(self, now: float) -> bool:
+        return self.seconds > 0 and now >= self.obtained + self.seconds * RENEW_AFTER
+
+
 class Vault:
     """One authenticated hvac client. Settings come from policies.yaml, else from VAULT_ADDR,
-    VAULT_TOKEN, VAULT_CACERT and VAULT_NAMESPACE, as the Vault CLI and hvac users expect."""
+    VAULT_TOKEN, VAULT_CACERT and VAULT_NAMESPACE, as the Vault CLI and hvac users expect.
+    Tokens are renewed once two thirds of their lease have passed; when renewal fails, it logs in again."""
 
-    def __init__(self, config: VaultConfig | None, environ: Mapping[str, str] = os.environ):
+    def __init__(self, config: VaultConfig | None, environ: Mapping[str, str] = os.environ,
+                 clock: Callable[[], float] = time.monotonic):
         config = config or VaultConfig()
         self.addr = config.addr or environ.get("VAULT_ADDR")
         if not self.addr:
@@ -45,6 +62,8 @@ class Vault:
             timeout=10,
         )
         self._token_generation = 0
+        self._lease = _Lease(0.0, 0, False)
+        self.clock = clock
 
     def read_kv2(self, ref: VaultSecretRef) -> tuple[dict, int]:
         """GET /v1/<mount>/data/<path>[?version=N]: the secret's fields and its version."""
@@ -71,9 +90,9 @@ class Vault:
         try:
             return self._call(call, where)
         except VaultError as exc:
-            if self.auth.method == "token" or exc.outcome != "denied":
+            if exc.outcome != "denied":
                 raise
-        # The token may have expired since login: log in again once, then give up.
+        # The token may have expired or been revoked since login: log in again once, then give up.
         self._ensure_login(stale_generation=generation)
         return self._call(call, where)
 
@@ -101,26 +120,54 @@ class Vault:
         raise error
 
     def _ensure_login(self, stale_generation: int | None = None) -> int:
-        """Logs in when there is no token yet, or when the token of `stale_generation` was refused."""
+        """Logs in when there is no token yet or the token of `stale_generation` was refused;
+        renews a token whose lease is two thirds gone (logging in again if that fails)."""
         with self._login_lock:
             if self.client.token and stale_generation != self._token_generation:
-                return self._token_generation
-            self.client.token = self._login()
+                if not self._lease.due(self.clock()) or self._renew():
+                    return self._token_generation
+            self.client.token, self._lease = self._login()
             self._token_generation += 1
             return self._token_generation
 
-    def _login(self) -> str:
+    def _renew(self) -> bool:
+        """POST /v1/auth/token/renew-self; False when the token cannot be renewed."""
+        if not self._lease.renewable:
+            return False
+        try:
+            auth = self._call(self.client.auth.token.renew_self, "auth/token/renew-self")["auth"]
+        except VaultError:
+            return False
+        self._lease = _Lease(self.clock(), auth["lease_duration"], auth["renewable"])
+        return True
+
+    def _login(self) -> tuple[str, _Lease]:
         if self.auth.method == "token":
-            if self.auth.token_file:
-                return _read_secret_file(self.auth.token_file, "Vault token file")
+            return self._static_token()
+        if self.auth.method == "approle":
+            secret_id = _read_secret_file(self.auth.secret_id_file, "AppRole secret_id file")
+            response = self._call(lambda: self.client.auth.approle.login(
+                role_id=self.auth.role_id, secret_id=secret_id, use_token=False,
+                mount_point=self.auth.mount or "approle"), "auth/approle/login")
+        else:
+            jwt = _read_secret_file(self.auth.token_file, "Kubernetes service account token")
+            response = self._call(lambda: self.client.auth.kubernetes.login(
+                role=self.auth.role, jwt=jwt, use_token=False,
+                mount_point=self.auth.mount or "kubernetes"), "auth/kubernetes/login")
+        auth = response["auth"]
+        return auth["client_token"], _Lease(self.clock(), auth["lease_duration"], auth["renewable"])
+
+    def _static_token(self) -> tuple[str, _Lease]:
+        """A given token: read again on each login, so a rotated token file is picked up."""
+        if self.auth.token_file:
+            token = _read_secret_file(self.auth.token_file, "Vault token file")
+        else:
             token = self.environ.get("VAULT_TOKEN")
             if not token:
                 raise VaultError("no Vault token: set VAULT_TOKEN or vault.auth.token_file")
-            return token
-        secret_id = _read_secret_file(self.auth.secret_id_file, "AppRole secret_id file")
-        response = self._call(lambda: self.client.auth.approle.login(role_id=self.auth.role_id, secret_id=secret_id,
-                                                                     use_token=False), "auth/approle/login")
-        return response["auth"]["client_token"]
+        self.client.token = token
+        data = self._call(self.client.auth.token.lookup_self, "auth/token/lookup-self")["data"]
+        return token, _Lease(self.clock(), data.get("ttl") or 0, bool(data.get("renewable")))
 
 
 def _read_secret_file(path: Path | None, what: str) -> str:

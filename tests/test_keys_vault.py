@@ -82,7 +82,7 @@ def test_approle_login_and_re_login_when_the_token_expires(vault, ca_pem, tmp_pa
 def test_wrong_token_is_a_clear_refusal(vault, ca_pem, tmp_path, monkeypatch):
     monkeypatch.setenv("VAULT_TOKEN", "not-a-token")
     policy = policy_for(vault, ca_pem, tmp_path)
-    with pytest.raises(KeyUnavailable, match="Vault denied access to secret/data/keycourier/payroll"):
+    with pytest.raises(KeyUnavailable, match=r"Vault denied access to auth/token/lookup-self \(permission denied\)"):
         Secrets().key(policy, policy.keys["latest"])
 
 
@@ -143,3 +143,36 @@ def test_environment_configures_vault_like_the_vault_cli(vault, ca_pem):
     policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
     secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
     assert secrets.key(policy, policy.keys["k"]).material == KEY_V2
+
+
+def test_kubernetes_login_with_the_service_account_token(vault, ca_pem, tmp_path):
+    vault.add_kubernetes_role("keycourier-sidecar", service_account_jwt="eyJhbGciOi.test.jwt", token_policies=["keycourier"])
+    (tmp_path / "sa-token").write_text("eyJhbGciOi.test.jwt")
+    policy = policy_for(vault, ca_pem, tmp_path, auth="{method: kubernetes, role: keycourier-sidecar, token_file: sa-token}")
+    assert Secrets().key(policy, policy.keys["latest"]).material == KEY_V2
+    (tmp_path / "sa-token").write_text("a-forged.jwt")
+    with pytest.raises(KeyUnavailable, match="auth/kubernetes/login"):
+        Secrets().key(policy, policy.keys["latest"])
+
+
+def test_token_is_renewed_before_expiry_and_login_repeated_when_renewal_fails(vault, ca_pem, tmp_path):
+    role_id, secret_id = vault.add_approle("kc-renew", token_policies=["keycourier"], token_ttl=30)
+    (tmp_path / "sid").write_text(secret_id)
+    now = [1000.0]
+    policy = policy_for(vault, ca_pem, tmp_path, auth=f"{{method: approle, role_id: {role_id}, secret_id_file: sid}}", ttl=0)
+    client = Vault(policy.vault, clock=lambda: now[0])
+    secrets = Secrets(vault_factory=lambda p: client)
+    logins, renewals = (lambda: vault.count("POST", "/v1/auth/approle/login"),
+                        lambda: vault.count("POST", "/v1/auth/token/renew-self"))
+    start_logins, start_renewals = logins(), renewals()
+    secrets.key(policy, policy.keys["latest"])
+    now[0] += 15  # half the lease: nothing to do
+    secrets.key(policy, policy.keys["latest"])
+    assert (logins() - start_logins, renewals() - start_renewals) == (1, 0)
+    now[0] += 6  # past two thirds: renew, no new login
+    secrets.key(policy, policy.keys["latest"])
+    assert (logins() - start_logins, renewals() - start_renewals) == (1, 1)
+    client.client.auth.token.revoke_self()  # renewal will now fail
+    now[0] += 25
+    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert (logins() - start_logins, renewals() - start_renewals) == (2, 2)

@@ -124,3 +124,12 @@ def test_configmap_style_symlink_swap_is_seen(tmp_path):
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     assert watched.reload_if_changed() is True
     assert watched.current.rules[2].bucket == "open-*"
+
+
+def test_vault_kubernetes_auth_defaults_to_the_service_account_token():
+    policy = parse_policy(VALID.replace("auth: {method: approle, role_id: r1, secret_id_file: sid}",
+                                        "auth: {method: kubernetes, role: keycourier, mount: k8s-prod}"))
+    assert policy.vault.auth.token_file == Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    assert (policy.vault.auth.role, policy.vault.auth.mount) == ("keycourier", "k8s-prod")
+    with pytest.raises(PolicyError, match="unknown field 'role_id' in vault.auth \\(kubernetes\\)"):
+        parse_policy(VALID.replace("method: approle, role_id", "method: kubernetes, role: r, role_id"))
