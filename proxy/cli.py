@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(command=_check)
 
     ca = commands.add_parser("ca", help="print the path of the CA certificate clients must trust")
-    ca.add_argument("--confdir", type=Path, default=DEFAULT_CONFDIR)
+    ca.add_argument("--confdir", "--generate", type=Path, default=DEFAULT_CONFDIR,
+                    help="the CA's directory; created with a new CA if empty (mount it read-only in production)")
     ca.set_defaults(command=_ca)
 
     keygen = commands.add_parser("keygen", help="write a new random 256-bit key file (mode 600)")
@@ -101,7 +102,7 @@ def _run(args) -> int:
         "mode": [args.mode],
         "confdir": str(args.confdir),
         # Upstream certificates are always verified; --upstream-ca only adds trust.
-        "ssl_verify_upstream_trusted_ca": str(upstream_trust_bundle(args.confdir, args.upstream_ca)),
+        "ssl_verify_upstream_trusted_ca": str(upstream_trust_bundle(args.upstream_ca)),
         # Reverse mode: keep the Host the client signed; the pipeline sets the upstream's and re-signs.
         "keep_host_header": True,
         "keycourier_policies": str(args.policies),

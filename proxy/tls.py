@@ -1,6 +1,7 @@
 """TLS rules: key material only travels over TLS, and upstream certificates are always verified."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import certifi
@@ -17,12 +18,13 @@ def check_tls(request: Request, *, client_tls: bool, client_sends_key: bool, inj
         raise Refused(403, "AccessDenied", f"refusing to send key material to http://{request.authority}: keys only travel over verified TLS", "tls")
 
 
-def upstream_trust_bundle(confdir: Path, extra_ca: Path | None) -> Path:
+def upstream_trust_bundle(extra_ca: Path | None) -> Path:
     """The CAs upstream certificates are verified against: the public ones, plus `extra_ca`.
 
     mitmproxy trusts only the file it is given, so the public bundle is copied in rather than replaced.
+    It is written to a private temporary directory: the confdir may be a read-only Secret mount.
     """
-    bundle = confdir / "upstream-trust.pem"
+    bundle = Path(tempfile.mkdtemp(prefix="keycourier-")) / "upstream-trust.pem"
     pems = [Path(certifi.where()).read_text()]
     if extra_ca:
         pems.append(extra_ca.read_text())
