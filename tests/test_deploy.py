@@ -63,3 +63,15 @@ def test_dockerfile_lints_clean_and_runs_a_real_command():
     command = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert _parser().parse_args(command).metrics_host == "0.0.0.0"
     assert re.search(r"^USER 10001$", text, re.M) and "HEALTHCHECK" in text
+
+
+def test_grafana_dashboard_queries_only_metrics_keycourier_exports():
+    from proxy import metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported = {family.name + suffix for family in metrics.REGISTRY.collect() for suffix in suffixes[family.type]}
+    dashboard = json.loads((DEPLOY / "grafana" / "keycourier-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"keycourier_[a-z_]+", target["expr"])}
+    assert queried and queried <= exported, queried - exported
+    assert {"Requests by outcome", "Refusals by reason", "Key cache hit ratio"} <= {p["title"] for p in dashboard["panels"]}
