@@ -29,6 +29,12 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
+# checkov (the deploy/ scanner the tests run) pins an older botocore than keycourier needs: its own venv.
+if [ ! -x .venv-tools/bin/checkov ]; then
+    .venv/bin/python -m venv .venv-tools
+    .venv-tools/bin/python -m pip install --quiet "checkov>=3.2,<4"
+fi
+
 # The embedded default policy encrypts with a local file key; make one on first set-up (never committed).
 if [ ! -f keys/dev.key ]; then
     .venv/bin/keycourier keygen keys/dev.key
