@@ -383,6 +383,7 @@ class PolicyFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._stamp = self._stat()
+        self._pending: tuple | None = None
         self.current = load_policy(self.path)
 
     def _stat(self) -> tuple | None:
@@ -393,11 +394,17 @@ class PolicyFile:
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
     def reload_if_changed(self) -> PolicyError | bool:
-        """True when a new policy took effect, False when nothing changed, the error when refused."""
+        """Called periodically. A change is loaded once the file has stayed the same for one call
+        (debounce: an editor or a copy may still be writing it). True when a new policy took effect,
+        False when there was nothing to do, the error when the new file was refused."""
         stamp = self._stat()
         if stamp == self._stamp:
+            self._pending = None
             return False
-        self._stamp = stamp
+        if stamp != self._pending:
+            self._pending = stamp
+            return False
+        self._stamp, self._pending = stamp, None
         try:
             self.current = load_policy(self.path)
         except PolicyError as exc:

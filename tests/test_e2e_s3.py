@@ -461,3 +461,33 @@ def test_metrics_move_by_exactly_the_requests_made_and_carry_no_names_or_keys(ap
     for secret_or_name in ("payroll-eu", "public-web", "secret-plan", "metered", SECRET,
                            *(base64.b64encode(key).decode() for key in KEYS.values())):
         assert secret_or_name not in after
+
+
+def test_configmap_symlink_swap_is_reloaded_by_the_running_proxy(s3, ca_pem, keycourier, keycourier_confdir, tmp_path, monkeypatch):
+    """Kubernetes updates a ConfigMap volume by re-pointing ..data at a new directory."""
+    original = keycourier.policy_path.read_text()
+    denying = original.replace('bucket: "public-*"}, action: passthrough', 'bucket: "public-*"}, action: deny')
+    for version, text in (("..2026_11_23_v1", original), ("..2026_11_23_v2", denying)):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "policies.yaml").write_text(text)
+    (tmp_path / "..data").symlink_to("..2026_11_23_v1")
+    (tmp_path / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    proxy = Keycourier(workdir, keycourier_confdir, original, upstream_ca=ca_pem)
+    try:
+        proxy.policy_path.unlink()
+        proxy.policy_path.symlink_to(tmp_path / "..data" / "policies.yaml")
+        (workdir / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
+        for name, value in {**proxy.client_env(), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        client = app_client(s3.endpoint_url)
+        client.put_object(Bucket="public-web", Key="before-swap.txt", Body=b"x")
+        (tmp_path / "..data_tmp").symlink_to("..2026_11_23_v2")
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+        proxy.wait_for_log("in force:", occurrences=2)
+        assert error_of(lambda: client.put_object(Bucket="public-web", Key="after-swap.txt", Body=b"x")) == (403, "AccessDenied")
+        assert "keycourier_policy_reloads_total{outcome=\"success\"} 1.0" in proxy.scrape()[1]
+    finally:
+        proxy.stop()

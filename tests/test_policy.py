@@ -97,15 +97,29 @@ def test_unreadable_file_is_a_policy_error(tmp_path):
         load_policy(tmp_path / "missing.yaml")
 
 
+def test_a_file_still_being_written_is_not_loaded_until_it_settles(tmp_path):
+    path = tmp_path / "policies.yaml"
+    path.write_text(VALID)
+    watched = PolicyFile(path)
+    path.write_text(VALID[: len(VALID) // 2])  # a copy half done
+    assert watched.reload_if_changed() is False
+    path.write_text(VALID.replace('"public-*"', '"open-*"'))  # finished before the next poll
+    assert watched.reload_if_changed() is False
+    assert watched.reload_if_changed() is True and watched.current.rules[2].bucket == "open-*"
+
+
 def test_edit_on_disk_is_picked_up_and_an_invalid_edit_keeps_the_old_policy(tmp_path):
     path = tmp_path / "policies.yaml"
     path.write_text(VALID)
     watched = PolicyFile(path)
     assert watched.reload_if_changed() is False
     path.write_text(VALID.replace('"public-*"', '"open-*"'))
+    assert watched.reload_if_changed() is False  # seen; loaded once it stays unchanged for one more poll
+    assert watched.current.rules[2].bucket == "public-*"
     assert watched.reload_if_changed() is True
     assert watched.current.rules[2].bucket == "open-*"
     path.write_text(VALID.replace("action: deny}", "action: drop}"))
+    watched.reload_if_changed()
     error = watched.reload_if_changed()
     assert isinstance(error, PolicyError) and "unknown action" in str(error)
     assert watched.current.rules[2].bucket == "open-*"
@@ -122,6 +136,7 @@ def test_configmap_style_symlink_swap_is_seen(tmp_path):
     assert watched.current.rules[2].bucket == "public-*"
     (tmp_path / "..data_tmp").symlink_to("..v2")
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert watched.reload_if_changed() is False
     assert watched.reload_if_changed() is True
     assert watched.current.rules[2].bucket == "open-*"
 
