@@ -6,22 +6,22 @@ is forwarded then. Everything here works on plain `Request` values, so it is tes
 from __future__ import annotations
 
 from collections.abc import Callable
+import importlib
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import ModuleType
 
-from proxy.dialects import BadRequest, Operation
-from proxy.dialects import s3 as s3_dialect
+from proxy.dialects import PROVIDERS, BadRequest, Operation
 from proxy.keys import Key, KeyUnavailable, Secrets
 from proxy.message import Request
 from proxy.policy import Endpoint, Policy, Rule
 from proxy.refusals import Refusal, Refused
-from proxy.signers import s3 as s3_signer
 from proxy.tls import check_tls
 
-DIALECTS: dict[str, ModuleType] = {"s3": s3_dialect}
-SIGNERS: dict[str, ModuleType] = {"s3": s3_signer}
+# A provider is a dialect module plus a signer module of the same name.
+DIALECTS: dict[str, ModuleType] = {name: importlib.import_module(f"proxy.dialects.{name}") for name in PROVIDERS}
+SIGNERS: dict[str, ModuleType] = {name: importlib.import_module(f"proxy.signers.{name}") for name in PROVIDERS}
 log = logging.getLogger("keycourier")
 SECRET_HEADERS = tuple(name for dialect in DIALECTS.values() for name in dialect.SECRET_HEADERS)
 

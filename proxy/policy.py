@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import yaml
 
-PROVIDERS = ("s3", "azure", "oss")
+from proxy.dialects import PROVIDERS
+
 ACTIONS = ("encrypt", "passthrough", "deny")
 DEFAULT_KEY_CACHE_TTL = 300.0
 

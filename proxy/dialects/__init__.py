@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Providers with a dialect module here; the policy accepts exactly these.
+PROVIDERS = ("s3",)
+
 
 @dataclass(frozen=True)
 class Operation:
