@@ -5,14 +5,15 @@ is forwarded then. Everything here works on plain `Request` values, so it is tes
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import ModuleType
+from typing import NamedTuple
 
-from proxy.dialects import PROVIDERS, BadRequest, Operation
+from proxy.dialects import PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
 from proxy.keys import Key, KeyUnavailable, Secrets
 from proxy.message import Request
 from proxy.policy import Endpoint, Policy, Rule
@@ -72,12 +73,14 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         audit = replace(audit, rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(dialect, request, rule)
-        key_names = keys_to_inject(operation, rule, source_rule)
-        check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys), injects_key=any(key_names))
-        key, source_key = (get_key(policy, secrets, name) for name in key_names)
-        if key:
+        plan = plan_encryption(dialect, operation, rule, source_rule)
+        check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys),
+                  injects_key=bool(plan.key or plan.source_key))
+        encryption = get_keys(policy, secrets, plan)
+        if encryption.key:
+            key = encryption.key
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
-        rendered, added = render_dialect(dialect, request, key, source_key)
+        rendered, added = render_dialect(dialect, request, encryption)
         signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
                                now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
         return Forward(signed, body, dialect.SECRET_HEADERS, audit)
@@ -95,29 +98,30 @@ def classify(request: Request, dialect: ModuleType, endpoint: Endpoint) -> Opera
 
 def match_policy(policy: Policy, operation: Operation) -> tuple[Rule, Rule | None]:
     """The rule for the request's own object, and for a copy's source object."""
-    rule = _rule_for(policy, operation.provider, operation.bucket, operation.object_key)
-    source_rule = _rule_for(policy, operation.provider, *operation.copy_source) if operation.copy_source else None
+    rule = _rule_for(policy, operation.provider, operation.target)
+    source_rule = _rule_for(policy, operation.provider, operation.copy_source) if operation.copy_source else None
     return rule, source_rule
 
 
-def _rule_for(policy: Policy, provider: str, bucket: str | None, object_key: str | None) -> Rule:
-    rule = policy.rule_for(provider, bucket, object_key)
+def _rule_for(policy: Policy, provider: str, where: ObjectRef) -> Rule:
+    rule = policy.rule_for(provider, where.bucket, where.object_key, where.account)
     if rule is None:
         # Fail closed: a known object store with no rule for this bucket gets nothing through.
-        raise Refused(403, "AccessDenied", f"no rule in the policy covers {_where(bucket, object_key)}", "no_rule")
+        raise Refused(403, "AccessDenied", f"no rule in the policy covers {_named(where)}", "no_rule")
     return rule
 
 
 def enforce_deny(operation: Operation, rule: Rule, source_rule: Rule | None) -> None:
     """A deny rule on the object, or on a copy's source object, stops the request."""
-    for denying, (bucket, object_key) in ((rule, (operation.bucket, operation.object_key)),
-                                          (source_rule, operation.copy_source or (None, None))):
+    for denying, where in ((rule, operation.target), (source_rule, operation.copy_source)):
         if denying and denying.action == "deny":
-            raise Refused(403, "AccessDenied", f"{denying.name} denies access to {_where(bucket, object_key)}", "deny")
+            raise Refused(403, "AccessDenied", f"{denying.name} denies access to {_named(where)}", "deny")
 
 
-def _where(bucket: str | None, object_key: str | None) -> str:
-    return f"{bucket}/{object_key or ''}" if bucket else "the service"
+def _named(where: ObjectRef) -> str:
+    if not where.bucket:
+        return "the service"
+    return f"{where.account + '/' if where.account else ''}{where.bucket}/{where.object_key or ''}"
 
 
 def check_client_keys(dialect: ModuleType, request: Request, rule: Rule) -> list[str]:
@@ -128,12 +132,30 @@ def check_client_keys(dialect: ModuleType, request: Request, rule: Rule) -> list
     return client_keys
 
 
-def keys_to_inject(operation: Operation, rule: Rule, source_rule: Rule | None) -> tuple[str | None, str | None]:
-    """Names of the keys for the object written or read, and for a copy's source object."""
-    if not operation.takes_key:
-        return None, None
-    return (rule.key if rule.action == "encrypt" else None,
-            source_rule.key if source_rule and source_rule.action == "encrypt" else None)
+class EncryptionPlan(NamedTuple):
+    key: str | None = None  # key names, from the policy
+    source_key: str | None = None
+    managed: str | None = None
+    managed_key_id: str | None = None
+
+
+def plan_encryption(dialect: ModuleType, operation: Operation, rule: Rule, source_rule: Rule | None) -> EncryptionPlan:
+    """What the request must carry, by the rules for its object and for a copy's source."""
+    if not operation.accepts_encryption:
+        return EncryptionPlan()
+    encrypting, source_encrypted = rule.action == "encrypt", bool(source_rule and source_rule.action == "encrypt")
+    if not dialect.CUSTOMER_KEYS:
+        if encrypting and not rule.oss_sse:
+            # Fail closed: an encrypt rule that cannot say how must not let plaintext through.
+            raise Refused(403, "AccessDenied", f"{rule.name} encrypts but gives no oss_sse for this OSS bucket", "deny")
+        return EncryptionPlan(managed=rule.oss_sse, managed_key_id=rule.kms_key_id) if encrypting else EncryptionPlan()
+    return EncryptionPlan(key=rule.key if encrypting else None,
+                          source_key=source_rule.key if source_encrypted else None)
+
+
+def get_keys(policy: Policy, secrets: Secrets, plan: EncryptionPlan) -> Encryption:
+    return Encryption(get_key(policy, secrets, plan.key), get_key(policy, secrets, plan.source_key),
+                      plan.managed, plan.managed_key_id)
 
 
 def get_key(policy: Policy, secrets: Secrets, name: str | None) -> Key | None:
@@ -145,9 +167,9 @@ def get_key(policy: Policy, secrets: Secrets, name: str | None) -> Key | None:
         raise Refused(503, "ServiceUnavailable", f"cannot get key: {exc}; the request was not forwarded", "key_unavailable") from None
 
 
-def render_dialect(dialect: ModuleType, request: Request, key: Key | None, source_key: Key | None) -> tuple[Request, list[str]]:
-    """The request as the upstream must see it: key headers added, Host naming the upstream."""
-    rendered, added = dialect.render_key(request, key, source_key)
+def render_dialect(dialect: ModuleType, request: Request, encryption: Encryption) -> tuple[Request, list[str]]:
+    """The request as the upstream must see it: encryption headers added, Host naming the upstream."""
+    rendered, added = dialect.render(request, encryption)
     if (request.header("host") or "").lower() != request.authority.lower():
         # Reverse-proxy mode: the client addressed keycourier, the upstream checks its own name.
         rendered = rendered.with_header_map({"host": request.authority})

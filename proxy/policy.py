@@ -77,22 +77,30 @@ class Endpoint:
         return bool(pattern.fullmatch(f"{host}:{port}") or (":" not in self.host and pattern.fullmatch(host)))
 
 
+OSS_SSE = ("AES256", "SM4", "KMS")
+
+
 @dataclass(frozen=True)
 class Rule:
     provider: str
-    bucket: str
+    bucket: str  # S3 and OSS bucket, Azure container
     prefix: str
     action: Literal["encrypt", "passthrough", "deny"]
     key: str | None
     line: int
+    account: str = "*"  # Azure storage account
+    oss_sse: str | None = None  # OSS has no customer keys: its own encryption, by algorithm
+    kms_key_id: str | None = None
 
     @property
     def name(self) -> str:
         """Stable, policy-derived label for logs and metrics (never client input)."""
         return f"rule{self.line}"
 
-    def matches(self, provider: str, bucket: str | None, object_key: str | None) -> bool:
+    def matches(self, provider: str, bucket: str | None, object_key: str | None, account: str | None = None) -> bool:
         if self.provider != "*" and self.provider != provider:
+            return False
+        if account is not None and not glob_regex(self.account).fullmatch(account):
             return False
         if bucket is None:
             return self.bucket == "*"
@@ -120,15 +128,15 @@ class Policy:
     def endpoint_for(self, host: str, port: int) -> Endpoint | None:
         return next((e for e in self.endpoints if e.matches(host, port)), None)
 
-    def rule_for(self, provider: str, bucket: str | None, object_key: str | None) -> Rule | None:
+    def rule_for(self, provider: str, bucket: str | None, object_key: str | None, account: str | None = None) -> Rule | None:
         """First match wins."""
-        return next((r for r in self.rules if r.matches(provider, bucket, object_key)), None)
+        return next((r for r in self.rules if r.matches(provider, bucket, object_key, account)), None)
 
     def summary(self) -> list[str]:
         lines = []
         for rule in self.rules:
             where = f"{rule.provider}:{rule.bucket}/{rule.prefix}*"
-            key = f" with key {rule.key}" if rule.key else ""
+            key = f" with key {rule.key}" if rule.key else (f" with OSS {rule.oss_sse}" if rule.oss_sse else "")
             lines.append(f"{rule.name} (line {rule.line}): {where} -> {rule.action}{key}")
         return lines
 
@@ -336,32 +344,54 @@ class _PolicyReader:
                         region=self.string(entry, "region") if "region" in entry else None)
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
-        entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key"})
+        entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key", "oss_sse", "kms_key_id"})
         match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
-                             optional={"bucket", "prefix"})
+                             optional={"bucket", "prefix", "account"})
+        provider = self.provider(match, allow_any=True)
         action = entry["action"]
         if action not in ACTIONS:
             raise _NodeError(entry.lines["action"], f"unknown action {action!r} ({', '.join(ACTIONS)})")
-        key = entry.get("key")
+        key, oss_sse, kms_key_id = entry.get("key"), entry.get("oss_sse"), entry.get("kms_key_id")
         if action == "encrypt":
-            if key is None:
-                raise _NodeError(entry.line, "an encrypt rule needs a key")
-            if key not in keys:
-                known = ", ".join(sorted(keys)) or "none defined"
-                raise _NodeError(entry.lines["key"], f"unknown key name {key!r} (keys: {known})")
-        elif key is not None:
-            raise _NodeError(entry.lines["key"], f"a {action} rule takes no key")
+            self.encryption(entry, provider, keys)
+        else:
+            for name in ("key", "oss_sse", "kms_key_id"):
+                if name in entry:
+                    raise _NodeError(entry.lines[name], f"a {action} rule takes no {name}")
+        if "account" in match and provider not in ("azure", "*"):
+            raise _NodeError(match.lines["account"], "account applies to azure rules only")
         prefix = match.get("prefix", "")
         if not isinstance(prefix, str):
             raise _NodeError(match.lines["prefix"], "prefix must be a string")
         return Rule(
-            provider=self.provider(match, allow_any=True),
+            provider=provider,
             bucket=self.glob(match, "bucket") if "bucket" in match else "*",
             prefix=prefix,
             action=action,
             key=key,
             line=entry.line,
+            account=self.glob(match, "account") if "account" in match else "*",
+            oss_sse=oss_sse,
+            kms_key_id=kms_key_id,
         )
+
+    def encryption(self, entry: _Mapping, provider: str, keys: dict[str, SecretSpec]) -> None:
+        """An encrypt rule names a key (S3, Azure), an OSS algorithm (OSS), or both (any provider)."""
+        if provider != "oss":
+            if "key" not in entry:
+                raise _NodeError(entry.line, "an encrypt rule needs a key")
+            if entry["key"] not in keys:
+                known = ", ".join(sorted(keys)) or "none defined"
+                raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
+        if provider == "oss" and "key" in entry:
+            raise _NodeError(entry.lines["key"], "OSS takes no customer key: give oss_sse (AES256, SM4 or KMS)")
+        if provider in ("oss", "*") and ("oss_sse" in entry or provider == "oss"):
+            if entry.get("oss_sse") not in OSS_SSE:
+                raise _NodeError(entry.lines.get("oss_sse", entry.line), f"an OSS encrypt rule needs oss_sse: one of {', '.join(OSS_SSE)}")
+        elif "oss_sse" in entry:
+            raise _NodeError(entry.lines["oss_sse"], "oss_sse applies to oss rules only")
+        if "kms_key_id" in entry and entry.get("oss_sse") != "KMS":
+            raise _NodeError(entry.lines["kms_key_id"], "kms_key_id goes with oss_sse: KMS")
 
     def provider(self, entry: _Mapping, *, allow_any: bool) -> str:
         provider = entry["provider"]

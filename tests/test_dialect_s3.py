@@ -3,7 +3,7 @@ import hashlib
 
 import pytest
 
-from proxy.dialects import BadRequest
+from proxy.dialects import BadRequest, Encryption
 from proxy.dialects import s3
 from proxy.keys import Key
 from proxy.message import Request
@@ -45,7 +45,7 @@ def request(method, target, host="127.0.0.1", port=9000, **headers):
 def test_path_style_operations(method, target, headers, name, bucket, key):
     operation = s3.classify(request(method, target, **headers))
     assert (operation.name, operation.bucket, operation.object_key) == (name, bucket, key)
-    assert operation.takes_key == (name in {
+    assert operation.accepts_encryption == (name in {
         "PutObject", "GetObject", "HeadObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy",
         "CopyObject", "GetObjectAttributes", "SelectObjectContent"})
 
@@ -69,7 +69,7 @@ def test_path_style_on_aws_service_host():
 
 def test_copy_source_names_bucket_and_key_and_drops_version():
     operation = s3.classify(request("PUT", "/dst/a", x_amz_copy_source="/src/dir/b%20c.txt?versionId=7"))
-    assert operation.copy_source == ("src", "dir/b c.txt")
+    assert (operation.copy_source.bucket, operation.copy_source.object_key) == ("src", "dir/b c.txt")
 
 
 @pytest.mark.parametrize("source", ["/", "/only-bucket", "arn:aws:s3:us-east-1:1:accesspoint/ap/object/k"])
@@ -79,7 +79,7 @@ def test_unmappable_copy_source_is_a_bad_request(source):
 
 
 def test_render_key_adds_sse_c_headers_with_md5_of_raw_key():
-    rendered, added = s3.render_key(request("PUT", "/b/k"), KEY, None)
+    rendered, added = s3.render(request("PUT", "/b/k"), Encryption(key=KEY))
     assert rendered.header("x-amz-server-side-encryption-customer-algorithm") == "AES256"
     assert base64.b64decode(rendered.header("x-amz-server-side-encryption-customer-key")) == KEY.material
     # MD5 of the raw 32 bytes, not of their base64 text (docs/s3.md)
@@ -89,7 +89,7 @@ def test_render_key_adds_sse_c_headers_with_md5_of_raw_key():
 
 def test_render_copy_source_key_separately():
     source = Key("old", "v2", b"\x01" * 32)
-    rendered, added = s3.render_key(request("PUT", "/b/k", x_amz_copy_source="/s/k"), KEY, source)
+    rendered, added = s3.render(request("PUT", "/b/k", x_amz_copy_source="/s/k"), Encryption(key=KEY, source_key=source))
     assert base64.b64decode(rendered.header("x-amz-copy-source-server-side-encryption-customer-key")) == source.material
     assert base64.b64decode(rendered.header("x-amz-server-side-encryption-customer-key")) == KEY.material
     assert len(added) == 6

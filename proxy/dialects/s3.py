@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import re
 from urllib.parse import unquote
-from xml.sax.saxutils import escape
 
-from proxy.dialects import BadRequest, Operation
+from proxy.dialects import BadRequest, Encryption, ObjectRef, Operation, xml_error_body
 from proxy.keys import Key
 from proxy.message import Request
 
 PROVIDER = "s3"
+CUSTOMER_KEYS = True  # SSE-C: the request carries the key itself
 
 SSE_C_PREFIX = "x-amz-server-side-encryption-customer-"
 COPY_SOURCE_SSE_C_PREFIX = "x-amz-copy-source-server-side-encryption-customer-"
@@ -70,7 +70,7 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
     else:
         name = _object_operation(method, params, request)
     copy_source = _copy_source(request) if name in COPY_OPERATIONS else None
-    return Operation(PROVIDER, name, bucket, object_key, copy_source, takes_key=name in KEY_OPERATIONS)
+    return Operation(PROVIDER, name, bucket, object_key, copy_source, accepts_encryption=name in KEY_OPERATIONS)
 
 
 def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
@@ -120,13 +120,13 @@ def _object_operation(method: str, params: set[str], request: Request) -> str:
     return _OBJECT_VERBS.get(method, OTHER_OPERATION)
 
 
-def _copy_source(request: Request) -> tuple[str, str]:
+def _copy_source(request: Request) -> ObjectRef:
     """x-amz-copy-source: [/]bucket/key[?versionId=v], URL-encoded."""
     source = unquote(request.header("x-amz-copy-source").split("?", 1)[0]).lstrip("/")
     bucket, _, object_key = source.partition("/")
     if not bucket or not object_key or bucket.startswith("arn:"):
         raise BadRequest(f"x-amz-copy-source {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
-    return bucket, object_key
+    return ObjectRef(bucket, object_key)
 
 
 def signing_region(request: Request, configured: str | None) -> str:
@@ -148,10 +148,10 @@ def key_fingerprint(key: Key) -> str:
     return key.md5_b64
 
 
-def render_key(request: Request, key: Key | None, source_key: Key | None) -> tuple[Request, list[str]]:
-    """The request with SSE-C headers for `key` (object) and `source_key` (copy source); the names added."""
+def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]]:
+    """The request with SSE-C headers for the object's key and a copy source's key; the names added."""
     headers: dict[str, str] = {}
-    for prefix, given in ((SSE_C_PREFIX, key), (COPY_SOURCE_SSE_C_PREFIX, source_key)):
+    for prefix, given in ((SSE_C_PREFIX, encryption.key), (COPY_SOURCE_SSE_C_PREFIX, encryption.source_key)):
         if given:
             headers[prefix + "algorithm"] = "AES256"
             headers[prefix + "key"] = given.b64
@@ -159,10 +159,7 @@ def render_key(request: Request, key: Key | None, source_key: Key | None) -> tup
     return request.with_header_map(headers), [name.lower() for name in headers]
 
 
-def error_body(code: str, message: str) -> tuple[str, bytes]:
-    """An S3-style XML error, which SDKs surface as code and message."""
-    xml = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message></Error>'
-    return "application/xml", xml.encode()
+error_body = xml_error_body
 
 
 WRITE_OPERATIONS = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CopyObject"})

@@ -39,7 +39,7 @@ EMPTY_ZERO_LENGTH_VERSION = "2015-02-21"
 # From this x-ms-version on, an x-ms-* header with an empty value is signed as 'name:'.
 EMPTY_HEADERS_SIGNED_VERSION = "2016-05-31"
 # The standard headers' lines of the string to sign, in order, after the verb. Date is signed as sent,
-# even beside x-ms-date, as the SDK does (docs/azure-sharedkey.md).
+# even beside x-ms-date, as the SDK does (`verify` also accepts it left empty: docs/azure-sharedkey.md).
 STANDARD_HEADERS = (
     "content-encoding", "content-language", "content-length", "content-md5", "content-type", "date",
     "if-modified-since", "if-match", "if-none-match", "if-unmodified-since", "range",
@@ -202,7 +202,7 @@ def _standard_header_value(request: Request, name: str) -> str:
 
 def canonicalized_headers(request: Request) -> str:
     """'name:value\\n' for every x-ms-* header: names lowercased and sorted as the service sorts them,
-    values trimmed. Before version 2016-05-31 a header with an empty value is left out."""
+    values trimmed, each given once. Before version 2016-05-31 a header with an empty value is left out."""
     names = {name.lower() for name, _ in request.headers if name.lower().startswith("x-ms-")}
     values = {name: _single_header(request, name).strip() for name in names}
     if not _version_at_least(request, EMPTY_HEADERS_SIGNED_VERSION):
