@@ -26,7 +26,7 @@ from typing import Literal
 from urllib.parse import unquote_to_bytes
 
 from proxy.message import Request
-from proxy.signers.s3 import _form_decode, _query_pairs, uri_encode
+from proxy.signers.encoding import form_decode, query_pairs, uri_encode
 
 V1_SCHEME = "OSS"
 V2_SCHEME = "OSS2"
@@ -344,7 +344,7 @@ def _with_query_value(request: Request, name: str, value: str) -> Request:
     parts = [part for part in request.raw_query.split("&") if part]
     encoded = f"{uri_encode(name.encode())}={uri_encode(value.encode())}"
     for index, part in enumerate(parts):
-        if _form_decode(part.partition("=")[0]) == name.encode():
+        if form_decode(part.partition("=")[0]) == name.encode():
             parts[index] = encoded
             break
     else:
@@ -408,7 +408,7 @@ def canonicalized_oss_headers(request: Request) -> str:
 def canonicalized_resource(request: Request) -> str:
     """The resource path, then '?name[=value]&…' for the signed sub-resources, sorted by name, values
     decoded (not encoded)."""
-    pairs = sorted(((name, value) for name, value in _query_pairs(request.raw_query)
+    pairs = sorted(((name, value) for name, value in query_pairs(request.raw_query)
                     if name in V1_SUBRESOURCES), key=lambda pair: pair[0])
     subresources = "&".join(f"{name}={value}" if value else name for name, value in pairs)
     return resource_path(request) + (f"?{subresources}" if subresources else "")
@@ -431,7 +431,7 @@ def v4_canonical_query_string(raw_query: str, *, excluded: Iterable[str] = ()) -
     """Parameters decoded then UriEncoded, sorted; 'name=value', or 'name' for an empty value."""
     skip = set(excluded)
     pairs = sorted((uri_encode(_utf8(name)), uri_encode(_utf8(value or "")))
-                   for name, value in _query_pairs(raw_query) if name not in skip)
+                   for name, value in query_pairs(raw_query) if name not in skip)
     return "&".join(f"{name}={value}" if value else name for name, value in pairs)
 
 

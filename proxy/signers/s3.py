@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal
-from urllib.parse import quote_from_bytes, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 from proxy.message import Request
+from proxy.signers.encoding import form_decode, query_pairs, uri_encode
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SIGV4A_ALGORITHM = "AWS4-ECDSA-P256-SHA256"
@@ -365,7 +366,7 @@ def _check_v2_time(auth: SigV2Signature, now: datetime) -> None:
 
 
 def _check_v2_subresources(request: Request) -> None:
-    unsigned = sorted({name for name, _ in _query_pairs(request.raw_query)} & V2_UNSIGNED_SUBRESOURCES)
+    unsigned = sorted({name for name, _ in query_pairs(request.raw_query)} & V2_UNSIGNED_SUBRESOURCES)
     if unsigned:
         raise SignatureError("unsupported: signature version 2 does not sign sub-resources: "
                              + ", ".join(unsigned))
@@ -415,7 +416,7 @@ def _with_query_value(request: Request, name: str, value: str) -> Request:
     parts = request.raw_query.split("&")
     for index, part in enumerate(parts):
         raw_name = part.partition("=")[0]
-        if _form_decode(raw_name) == name.encode():
+        if form_decode(raw_name) == name.encode():
             parts[index] = f"{raw_name}={uri_encode(value.encode())}"
             return request.with_target(f"{request.path}?{'&'.join(parts)}")
     raise SignatureError(f"{name} missing from the request target")
@@ -425,16 +426,11 @@ def _without_query_parameters(request: Request, names: Iterable[str]) -> Request
     """`request` without the query parameters `names`, every other byte of the target kept."""
     skip = {name.encode() for name in names}
     kept = "&".join(part for part in request.raw_query.split("&")
-                    if _form_decode(part.partition("=")[0]) not in skip)
+                    if form_decode(part.partition("=")[0]) not in skip)
     return request.with_target(f"{request.path}?{kept}" if kept else request.path)
 
 
 # --- The signing steps --------------------------------------------------------------------------
-
-def uri_encode(data: bytes) -> str:
-    """AWS UriEncode: every byte but the unreserved A-Za-z0-9-_.~ as %XY (uppercase hex)."""
-    return quote_from_bytes(data, safe=b"")
-
 
 def canonical_uri(path: str) -> str:
     """The path, not normalised (S3), each segment decoded and UriEncoded once.
@@ -455,15 +451,10 @@ def canonical_query_string(raw_query: str, *, excluded: Iterable[str] = ()) -> s
         if not part:
             continue
         raw_name, _, raw_value = part.partition("=")
-        name = _form_decode(raw_name)
+        name = form_decode(raw_name)
         if name not in skip:
-            pairs.append((uri_encode(name), uri_encode(_form_decode(raw_value))))
+            pairs.append((uri_encode(name), uri_encode(form_decode(raw_value))))
     return "&".join(f"{name}={value}" for name, value in sorted(pairs))
-
-
-def _form_decode(text: str) -> bytes:
-    # '+' in a query means space: S3 accepts a space sent as '+' but signed as %20.
-    return unquote_to_bytes(text.replace("+", " "))
 
 
 def canonical_headers(request: Request, names: Iterable[str]) -> str:
@@ -558,7 +549,7 @@ def canonicalized_amz_headers(request: Request) -> str:
     """'name:value\\n' for every x-amz-* header, names lowercased and sorted, values trimmed, repeats
     joined with ','. x-amz-* query parameters count as headers: SDKs move them into presigned URLs."""
     values: dict[str, list[str]] = {}
-    query = ((name, value or "") for name, value in _query_pairs(request.raw_query))
+    query = ((name, value or "") for name, value in query_pairs(request.raw_query))
     for name, value in (*request.headers, *query):
         if name.lower().startswith("x-amz-"):
             values.setdefault(name.lower(), []).append(value.strip())
@@ -582,7 +573,7 @@ def canonicalized_resource(request: Request) -> str:
 
 def _signed_subresources(raw_query: str) -> str:
     """'?name[=value]&…' for the query's sub-resources, sorted by name, values decoded (not encoded)."""
-    pairs = sorted(((name, value) for name, value in _query_pairs(raw_query) if name in V2_SUBRESOURCES),
+    pairs = sorted(((name, value) for name, value in query_pairs(raw_query) if name in V2_SUBRESOURCES),
                    key=lambda pair: pair[0])
     if not pairs:
         return ""
@@ -592,18 +583,6 @@ def _signed_subresources(raw_query: str) -> str:
 def _virtual_hosted_bucket(request: Request) -> str | None:
     match = _AWS_VIRTUAL_HOST.fullmatch((request.header("host") or request.authority).lower())
     return match["bucket"] if match else None
-
-
-def _query_pairs(raw_query: str) -> list[tuple[str, str | None]]:
-    """(name, value) for each query parameter, decoded; value None when the parameter has no '='.
-    Bytes that are not UTF-8 survive as surrogates, so the string to sign keeps them."""
-    pairs = []
-    for part in raw_query.split("&"):
-        if part:
-            raw_name, separator, raw_value = part.partition("=")
-            pairs.append((_form_decode(raw_name).decode("utf-8", "surrogateescape"),
-                          _form_decode(raw_value).decode("utf-8", "surrogateescape") if separator else None))
-    return pairs
 
 
 def v2_signature(secret_access_key: str, string_to_sign: str) -> str:
