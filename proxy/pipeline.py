@@ -141,9 +141,12 @@ class EncryptionPlan(NamedTuple):
 
 def plan_encryption(dialect: ModuleType, operation: Operation, rule: Rule, source_rule: Rule | None) -> EncryptionPlan:
     """What the request must carry, by the rules for its object and for a copy's source."""
+    encrypting, source_encrypted = rule.action == "encrypt", bool(source_rule and source_rule.action == "encrypt")
+    if encrypting and operation.name in dialect.UNENCRYPTABLE_WRITES:
+        # Fail closed: what keycourier cannot give encryption headers must not write into an encrypt bucket.
+        raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {operation.name} request ({operation.provider}); use a plain upload", "unencryptable")
     if not operation.accepts_encryption:
         return EncryptionPlan()
-    encrypting, source_encrypted = rule.action == "encrypt", bool(source_rule and source_rule.action == "encrypt")
     if not dialect.CUSTOMER_KEYS:
         if encrypting and not rule.oss_sse:
             # Fail closed: an encrypt rule that cannot say how must not let plaintext through.

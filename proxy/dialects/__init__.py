@@ -5,7 +5,10 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 # Providers with a dialect module here; the policy accepts exactly these.
-PROVIDERS = ("s3",)
+PROVIDERS = ("s3", "oss")
+# Operation names come from each dialect's fixed tables, so logs and metric labels stay a bounded
+# vocabulary; anything else is this.
+OTHER_OPERATION = "Other"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class Encryption:
     source_key: object | None = None  # proxy.keys.Key for a copy's source object
     managed: str | None = None  # OSS: AES256, SM4 or KMS
     managed_key_id: str | None = None  # OSS: the KMS key id
+
+
+def bucket_in_host(host: str, endpoint_host: str) -> str | None:
+    """The leading label(s) of `host` under a policy endpoint written `*.<domain>`: that is how an
+    endpoint says its buckets (Azure: accounts) are addressed virtual-hosted, as SDKs do by default."""
+    endpoint_glob = endpoint_host.lower().split(":")[0]
+    domain = endpoint_glob[1:] if endpoint_glob.startswith("*.") else None
+    if domain and host.endswith(domain) and len(host) > len(domain):
+        return host[: -len(domain)]
+    return None
 
 
 def xml_error_body(code: str, message: str) -> tuple[str, bytes]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from proxy.dialects import BadRequest, Encryption, ObjectRef, Operation, xml_error_body
+from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
 from proxy.keys import Key
 from proxy.message import Request
 
@@ -53,8 +53,9 @@ _BUCKET_SUBRESOURCES = {
     "policyStatus": "PolicyStatus", "publicAccessBlock": "PublicAccessBlock", "replication": "Replication",
     "requestPayment": "RequestPayment", "tagging": "Tagging", "versioning": "Versioning", "website": "Website",
 }
-# Names come only from the tables above, so logs and metric labels stay a bounded vocabulary.
-OTHER_OPERATION = "Other"
+# Operations that may write object data but cannot be given SSE-C headers (e.g. browser form
+# uploads, POST to a bucket): refused under encrypt rules.
+UNENCRYPTABLE_WRITES = frozenset({OTHER_OPERATION})
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
@@ -75,7 +76,7 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
 
 def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
     path = unquote(request.path)
-    bucket = _bucket_in_host(request.host.lower(), endpoint_host.lower().split(":")[0])
+    bucket = _bucket_in_host(request.host.lower(), endpoint_host)
     if bucket:
         return bucket, path.removeprefix("/") or None
     # Path style: /bucket/key (service hosts, IP addresses, custom endpoints named exactly).
@@ -83,15 +84,12 @@ def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, s
     return bucket or None, object_key or None
 
 
-def _bucket_in_host(host: str, endpoint_glob: str) -> str | None:
+def _bucket_in_host(host: str, endpoint_host: str) -> str | None:
     if _AWS_SERVICE_HOST.match(host):
         return None
     if virtual := _VIRTUAL_HOSTED.match(host):
         return virtual["bucket"]
-    domain = endpoint_glob[1:] if endpoint_glob.startswith("*.") else None
-    if domain and host.endswith(domain) and len(host) > len(domain):
-        return host[: -len(domain)]
-    return None
+    return bucket_in_host(host, endpoint_host)
 
 
 def _bucket_operation(method: str, params: set[str]) -> str:

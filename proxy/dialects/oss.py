@@ -1,0 +1,129 @@
+"""Alibaba Cloud OSS: which request is which operation, and the server-side encryption header (docs/oss.md).
+
+OSS takes no customer-provided keys: an encrypt rule asks OSS to encrypt with AES256, SM4 or KMS
+(`x-oss-server-side-encryption`, with `-key-id` for a KMS key). OSS refuses the header with 400
+InvalidArgument on any operation but the ones in ENCRYPTION_OPERATIONS, so it is added there only.
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
+from proxy.message import Request
+
+PROVIDER = "oss"
+CUSTOMER_KEYS = False
+SSE_HEADER = "x-oss-server-side-encryption"
+SSE_KEY_ID_HEADER = "x-oss-server-side-encryption-key-id"
+SECRET_HEADERS: tuple[str, ...] = ()  # the SSE headers name an algorithm and a key id, never key material
+
+# PostObject (browser form upload) would carry the header as a form field, which keycourier does not
+# rewrite: it classifies as Other and is refused under encrypt rules.
+ENCRYPTION_OPERATIONS = frozenset({"PutObject", "CopyObject", "InitiateMultipartUpload", "AppendObject"})
+# Operations that write object data but cannot carry the encryption header.
+UNENCRYPTABLE_WRITES = frozenset({OTHER_OPERATION})
+
+# <bucket>.oss-<region>[-internal].aliyuncs.com, <bucket>.oss-accelerate.aliyuncs.com
+_VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>[a-z0-9-]+)\.oss-[a-z0-9-]+\.aliyuncs\.com$", re.IGNORECASE)
+_SERVICE_HOST = re.compile(r"^oss-[a-z0-9-]+\.aliyuncs\.com$", re.IGNORECASE)
+
+_OBJECT_SUBRESOURCES = {
+    "GET": {"uploadId": "ListParts", "acl": "GetObjectACL", "symlink": "GetSymlink", "tagging": "GetObjectTagging"},
+    "HEAD": {"objectMeta": "GetObjectMeta"},
+    "PUT": {"acl": "PutObjectACL", "symlink": "PutSymlink", "tagging": "PutObjectTagging"},
+    "POST": {"uploads": "InitiateMultipartUpload", "uploadId": "CompleteMultipartUpload", "append": "AppendObject",
+             "restore": "RestoreObject"},
+    "DELETE": {"uploadId": "AbortMultipartUpload", "tagging": "DeleteObjectTagging"},
+}
+_OBJECT_VERBS = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject"}
+_BUCKET_VERBS = {"GET": "ListObjects", "PUT": "PutBucket", "DELETE": "DeleteBucket", "HEAD": "GetBucketInfo"}
+
+
+def classify(request: Request, endpoint_host: str = "") -> Operation:
+    bucket, object_key = _bucket_and_key(request, endpoint_host)
+    params = {name for name, _ in request.query}
+    method = request.method.upper()
+    if bucket is None:
+        name = "ListBuckets" if method == "GET" else OTHER_OPERATION
+    elif object_key is None:
+        name = _bucket_operation(method, params)
+    else:
+        name = _object_operation(method, params, request)
+    copy_source = _copy_source(request) if name in ("CopyObject", "UploadPartCopy") else None
+    return Operation(PROVIDER, name, bucket, object_key, copy_source,
+                     accepts_encryption=name in ENCRYPTION_OPERATIONS)
+
+
+def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
+    path = unquote(request.path)
+    host = request.host.lower()
+    bucket = None
+    if not _SERVICE_HOST.match(host):
+        virtual = _VIRTUAL_HOSTED.match(host)
+        bucket = virtual["bucket"] if virtual else bucket_in_host(host, endpoint_host)
+    if bucket:
+        return bucket, path.removeprefix("/") or None
+    # Path style: /bucket/key, as oss2 addresses IP and localhost endpoints.
+    bucket, _, object_key = path.removeprefix("/").partition("/")
+    return bucket or None, object_key or None
+
+
+def _bucket_operation(method: str, params: set[str]) -> str:
+    if method == "POST" and "delete" in params:
+        return "DeleteMultipleObjects"
+    if method == "GET" and "uploads" in params:
+        return "ListMultipartUploads"
+    if params - {"prefix", "marker", "delimiter", "max-keys", "encoding-type", "list-type", "continuation-token",
+                 "start-after", "fetch-owner"}:
+        return OTHER_OPERATION  # bucket configuration calls: no object data, no encryption header
+    return _BUCKET_VERBS.get(method, OTHER_OPERATION)
+
+
+def _object_operation(method: str, params: set[str], request: Request) -> str:
+    if method == "PUT" and {"partNumber", "uploadId"} <= params:
+        return "UploadPartCopy" if request.header("x-oss-copy-source") else "UploadPart"
+    for param, name in _OBJECT_SUBRESOURCES.get(method, {}).items():
+        if param in params:
+            return name
+    if method == "PUT" and request.header("x-oss-copy-source"):
+        return "CopyObject"
+    return _OBJECT_VERBS.get(method, OTHER_OPERATION)
+
+
+def _copy_source(request: Request) -> ObjectRef:
+    """x-oss-copy-source: /bucket/key[?versionId=v], URL-encoded."""
+    source = unquote(request.header("x-oss-copy-source").split("?", 1)[0]).lstrip("/")
+    bucket, _, object_key = source.partition("/")
+    if not bucket or not object_key:
+        raise BadRequest(f"x-oss-copy-source {source[:200]!r} does not name a bucket and object")
+    return ObjectRef(bucket, object_key)
+
+
+def client_key_headers(request: Request) -> list[str]:
+    """Encryption headers the client sent itself."""
+    return sorted({name.lower() for name, _ in request.headers if name.lower().startswith(SSE_HEADER)})
+
+
+def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]]:
+    """The request with OSS's encryption header for the rule's algorithm (and KMS key id)."""
+    if not encryption.managed:
+        return request, []
+    headers = {SSE_HEADER: encryption.managed}
+    if encryption.managed_key_id:
+        headers[SSE_KEY_ID_HEADER] = encryption.managed_key_id
+    return request.with_header_map(headers), list(headers)
+
+
+def signing_region(request: Request, configured: str | None) -> str | None:
+    """OSS V4 requests keep the client's own scope; V1 has none."""
+    return configured
+
+
+def explain_error(status: int, code: str | None, audit) -> str | None:
+    if status == 400 and code == "InvalidEncryptionAlgorithmError":
+        return f"OSS refused the rule's oss_sse value for bucket {audit.bucket}"
+    return None
+
+
+error_body = xml_error_body
