@@ -143,9 +143,11 @@ class Secrets:
                 raise KeyUnavailable(f"{what} file {spec.file} is not YAML") from None
         else:
             fields, _ = self._read_vault(policy, spec.vault, what)
-        if not isinstance(fields, dict) or not {"access_key_id", "secret_access_key"} <= fields.keys():
-            raise KeyUnavailable(f"{what} needs the fields access_key_id and secret_access_key")
-        return Credential(spec.name, str(fields["access_key_id"]), str(fields["secret_access_key"]))
+        for key_id, secret in (("access_key_id", "secret_access_key"), ("account_name", "account_key")):
+            if isinstance(fields, dict) and {key_id, secret} <= fields.keys():
+                return Credential(spec.name, str(fields[key_id]), str(fields[secret]))
+        raise KeyUnavailable(f"{what} needs the fields access_key_id and secret_access_key "
+                             "(Azure: account_name and account_key)")
 
     def _read_vault(self, policy: Policy, ref: VaultSecretRef, what: str) -> tuple[dict, int]:
         try:

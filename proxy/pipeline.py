@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from types import ModuleType
 from typing import NamedTuple
 
-from proxy.dialects import PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
+from proxy.dialects import OTHER_OPERATION, PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
 from proxy.keys import Key, KeyUnavailable, Secrets
 from proxy.message import Request
 from proxy.policy import Endpoint, Policy, Rule
@@ -142,18 +142,19 @@ class EncryptionPlan(NamedTuple):
 def plan_encryption(dialect: ModuleType, operation: Operation, rule: Rule, source_rule: Rule | None) -> EncryptionPlan:
     """What the request must carry, by the rules for its object and for a copy's source."""
     encrypting, source_encrypted = rule.action == "encrypt", bool(source_rule and source_rule.action == "encrypt")
-    if encrypting and operation.name in dialect.UNENCRYPTABLE_WRITES:
+    unencryptable = operation.name in dialect.UNENCRYPTABLE_WRITES or (operation.object_key and operation.name == OTHER_OPERATION)
+    if encrypting and unencryptable:
         # Fail closed: what keycourier cannot give encryption headers must not write into an encrypt bucket.
-        raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {operation.name} request ({operation.provider}); use a plain upload", "unencryptable")
-    if not operation.accepts_encryption:
-        return EncryptionPlan()
+        raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {operation.name} request ({operation.provider})", "unencryptable")
     if not dialect.CUSTOMER_KEYS:
-        if encrypting and not rule.oss_sse:
+        if encrypting and operation.accepts_encryption and not rule.oss_sse:
             # Fail closed: an encrypt rule that cannot say how must not let plaintext through.
             raise Refused(403, "AccessDenied", f"{rule.name} encrypts but gives no oss_sse for this OSS bucket", "deny")
-        return EncryptionPlan(managed=rule.oss_sse, managed_key_id=rule.kms_key_id) if encrypting else EncryptionPlan()
-    return EncryptionPlan(key=rule.key if encrypting else None,
-                          source_key=source_rule.key if source_encrypted else None)
+        managed = encrypting and operation.accepts_encryption
+        return EncryptionPlan(managed=rule.oss_sse, managed_key_id=rule.kms_key_id) if managed else EncryptionPlan()
+    return EncryptionPlan(
+        key=rule.key if encrypting and operation.accepts_encryption else None,
+        source_key=source_rule.key if source_encrypted and operation.name in dialect.SOURCE_KEY_OPERATIONS else None)
 
 
 def get_keys(policy: Policy, secrets: Secrets, plan: EncryptionPlan) -> Encryption:
@@ -192,6 +193,9 @@ def re_sign(signer: ModuleType, received: Request, rendered: Request, added: lis
         raise Refused(403, "AccessDenied", f"cannot read the request's signature: {exc}", "bad_signature") from None
     if signature is None:
         raise Refused(403, "AccessDenied", "anonymous requests cannot be re-signed after keycourier adds headers; sign the request", "bad_signature")
+    if signature.style in signer.HEADERLESS_STYLES:
+        # Azure SAS and bearer tokens sign no x-ms-* header: the provider checks them, nothing to re-sign.
+        return rendered, None
     try:
         credential = secrets.credential_for(policy, signature.access_key_id)
     except KeyUnavailable as exc:

@@ -21,7 +21,7 @@ def request(method, target, host="127.0.0.1", port=9000, **headers):
     ("HEAD", "/b/k?objectMeta", {}, "GetObjectMeta", False),
     ("DELETE", "/b/k", {}, "DeleteObject", False),
     ("GET", "/b?prefix=a", {}, "ListObjects", False),
-    ("POST", "/b", {"content_type": "multipart/form-data; boundary=x"}, "Other", False),  # PostObject
+    ("POST", "/b", {"content_type": "multipart/form-data; boundary=x"}, "PostObject", False),
 ])
 def test_operations_and_where_oss_accepts_the_encryption_header(method, target, headers, name, accepts):
     operation = oss.classify(request(method, target, **headers))

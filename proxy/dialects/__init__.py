@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 # Providers with a dialect module here; the policy accepts exactly these.
-PROVIDERS = ("s3", "oss")
+PROVIDERS = ("s3", "azure", "oss")
 # Operation names come from each dialect's fixed tables, so logs and metric labels stay a bounded
 # vocabulary; anything else is this.
 OTHER_OPERATION = "Other"

@@ -18,11 +18,11 @@ SSE_HEADER = "x-oss-server-side-encryption"
 SSE_KEY_ID_HEADER = "x-oss-server-side-encryption-key-id"
 SECRET_HEADERS: tuple[str, ...] = ()  # the SSE headers name an algorithm and a key id, never key material
 
-# PostObject (browser form upload) would carry the header as a form field, which keycourier does not
-# rewrite: it classifies as Other and is refused under encrypt rules.
 ENCRYPTION_OPERATIONS = frozenset({"PutObject", "CopyObject", "InitiateMultipartUpload", "AppendObject"})
-# Operations that write object data but cannot carry the encryption header.
-UNENCRYPTABLE_WRITES = frozenset({OTHER_OPERATION})
+# PostObject (browser form upload) carries the header as a form field keycourier does not rewrite:
+# refused under encrypt rules, like any object operation keycourier cannot name.
+UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
+SOURCE_KEY_OPERATIONS: frozenset[str] = frozenset()
 
 # <bucket>.oss-<region>[-internal].aliyuncs.com, <bucket>.oss-accelerate.aliyuncs.com
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>[a-z0-9-]+)\.oss-[a-z0-9-]+\.aliyuncs\.com$", re.IGNORECASE)
@@ -72,6 +72,8 @@ def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, s
 def _bucket_operation(method: str, params: set[str]) -> str:
     if method == "POST" and "delete" in params:
         return "DeleteMultipleObjects"
+    if method == "POST" and not params:
+        return "PostObject"
     if method == "GET" and "uploads" in params:
         return "ListMultipartUploads"
     if params - {"prefix", "marker", "delimiter", "max-keys", "encoding-type", "list-type", "continuation-token",

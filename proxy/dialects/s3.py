@@ -21,6 +21,7 @@ KEY_OPERATIONS = frozenset({
     "CopyObject", "GetObjectAttributes", "SelectObjectContent",
 })
 COPY_OPERATIONS = frozenset({"CopyObject", "UploadPartCopy"})
+SOURCE_KEY_OPERATIONS = COPY_OPERATIONS
 
 # <bucket>.s3[.-<region>|.dualstack|-accelerate...].amazonaws.com[.cn]
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
@@ -53,9 +54,9 @@ _BUCKET_SUBRESOURCES = {
     "policyStatus": "PolicyStatus", "publicAccessBlock": "PublicAccessBlock", "replication": "Replication",
     "requestPayment": "RequestPayment", "tagging": "Tagging", "versioning": "Versioning", "website": "Website",
 }
-# Operations that may write object data but cannot be given SSE-C headers (e.g. browser form
-# uploads, POST to a bucket): refused under encrypt rules.
-UNENCRYPTABLE_WRITES = frozenset({OTHER_OPERATION})
+# Browser form uploads (POST to a bucket) carry their headers as form fields keycourier does not
+# rewrite: refused under encrypt rules, like any object operation keycourier cannot name.
+UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
@@ -95,6 +96,8 @@ def _bucket_in_host(host: str, endpoint_host: str) -> str | None:
 def _bucket_operation(method: str, params: set[str]) -> str:
     if method == "POST" and "delete" in params:
         return "DeleteObjects"
+    if method == "POST" and not params:
+        return "PostObject"
     if method == "GET" and "uploads" in params:
         return "ListMultipartUploads"
     if method == "GET" and "versions" in params:

@@ -20,12 +20,12 @@ import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from typing import Literal
 from urllib.parse import unquote
 
 from proxy.message import Request
+from proxy.signers.common import SignatureError, parse_http_date, with_authorization
 
 SCHEME = "SharedKey"
 LITE_SCHEME = "SharedKeyLite"
@@ -56,10 +56,6 @@ _TIE_BREAKERS = "'-"
 _CREDENTIAL = re.compile(r"([^\s:]+):(\S+)")
 _SIGNATURE = re.compile(r"[A-Za-z0-9+/]{43}=")  # base64 of a 32-byte HMAC-SHA256
 _ACCOUNT_HOST = re.compile(r"(?P<account>[a-z0-9]+)\.blob\.", re.IGNORECASE)
-
-
-class SignatureError(Exception):
-    """Raised with a reason safe to show the client (no secrets), e.g. 'signature does not match'."""
 
 
 @dataclass(frozen=True)
@@ -149,10 +145,8 @@ def resign(request: Request, signature: SharedKeySignature, secret_access_key: s
     if signature.style not in _SCHEMES:
         return request, signature.signature
     new_signature = _request_signature(request, signature, secret_access_key)
-    header_name = next(
-        (name for name, _ in request.headers if name.lower() == "authorization"), "Authorization")
     value = f"{_SCHEMES[signature.style]} {signature.access_key_id}:{new_signature}"
-    return request.with_header_map({header_name: value}), new_signature
+    return with_authorization(request, value), new_signature
 
 
 def body_resigner(signature: SharedKeySignature, secret_access_key: str,
@@ -173,13 +167,7 @@ def _check_time(request: Request, now: datetime) -> None:
         value = request.header("date")
     if value is None:
         raise SignatureError("missing x-ms-date or Date header")
-    try:
-        signed_at = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        raise SignatureError("malformed request date") from None
-    if signed_at.tzinfo is None:  # RFC 5322 "-0000": UTC with no zone information
-        signed_at = signed_at.replace(tzinfo=timezone.utc)
-    if abs(now - signed_at) > MAX_CLOCK_SKEW:
+    if abs(now - parse_http_date(value)) > MAX_CLOCK_SKEW:
         raise SignatureError("request time too skewed")
 
 
@@ -271,3 +259,7 @@ def shared_key_signature(secret_access_key: str, string_to_sign: str) -> str:
     """Base64(HMAC-SHA256(base64-decoded account key, UTF-8 string to sign))."""
     key = base64.b64decode(secret_access_key, validate=True)
     return base64.b64encode(hmac.new(key, string_to_sign.encode(), hashlib.sha256).digest()).decode()
+
+
+# SAS and bearer tokens sign no x-ms-* header: the service checks them, keycourier re-signs nothing.
+HEADERLESS_STYLES = frozenset({"sas", "bearer"})

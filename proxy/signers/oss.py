@@ -21,12 +21,13 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
 from proxy.message import Request
-from proxy.signers.encoding import form_decode, query_pairs, uri_encode
+from proxy.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
+                                  form_decode, parse_http_date, query_pairs, require_parameters,
+                                  seconds, uri_encode, with_authorization)
 
 V1_SCHEME = "OSS"
 V2_SCHEME = "OSS2"
@@ -69,16 +70,10 @@ V1_SUBRESOURCES = frozenset({
 _V1_CREDENTIALS = re.compile(r"([^\s:]+):([A-Za-z0-9+/]{27}=)")  # base64 of a 20-byte HMAC-SHA1
 _V4_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _V4_TIMESTAMP_FORM = re.compile(r"\d{8}T\d{6}Z")
-_SECONDS = re.compile(r"[0-9]{1,12}")
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 # <bucket>.oss-<region>[-internal].aliyuncs.com, .oss-accelerate., .<region>.oss.
 _VIRTUAL_HOST = re.compile(
     r"(?P<bucket>[a-z0-9][a-z0-9-]*)\.(?:oss-[a-z0-9-]+|[a-z0-9-]+\.oss)\.aliyuncs\.com(?::\d+)?")
-
-
-class SignatureError(Exception):
-    """Raised with a reason safe to show the client (no secrets), e.g. 'signature does not match',
-    'request has expired'."""
 
 
 @dataclass(frozen=True)
@@ -131,19 +126,19 @@ def _read_v1_authorization_header(request: Request, fields: str) -> OssSignature
     date = request.header("x-oss-date") or request.header("date")
     if date is None:
         raise SignatureError("missing Date header")
-    _parse_http_date(date)
+    parse_http_date(date)
     return OssSignature("v1-header", match[1], match[2], date=date, region=None,
                         additional_headers=(), expires=None)
 
 
 def _read_v1_query_parameters(request: Request) -> OssSignature:
-    params = _auth_query_parameters(request, V1_QUERY_AUTH_PARAMETERS)
-    _require_parameters(params, V1_QUERY_AUTH_PARAMETERS)
+    params = auth_query_parameters(request, V1_QUERY_AUTH_PARAMETERS)
+    require_parameters(params, V1_QUERY_AUTH_PARAMETERS)
     if not _V1_CREDENTIALS.fullmatch(f"{params['OSSAccessKeyId']}:{params['Signature']}"):
         raise SignatureError("malformed OSSAccessKeyId or Signature")
     return OssSignature("v1-query", params["OSSAccessKeyId"], params["Signature"], date=None,
                         region=None, additional_headers=(),
-                        expires=_seconds(params["Expires"], "Expires"))
+                        expires=seconds(params["Expires"], "Expires"))
 
 
 def _read_v4_authorization_header(request: Request, fields: str) -> OssSignature:
@@ -168,16 +163,16 @@ def _read_v4_authorization_header(request: Request, fields: str) -> OssSignature
 
 
 def _read_v4_query_parameters(request: Request) -> OssSignature:
-    params = _auth_query_parameters(request, (*V4_QUERY_AUTH_PARAMETERS,
-                                              V4_ADDITIONAL_HEADERS_PARAMETER))
+    params = auth_query_parameters(request, (*V4_QUERY_AUTH_PARAMETERS,
+                                             V4_ADDITIONAL_HEADERS_PARAMETER))
     if params.get("x-oss-signature-version", V4_ALGORITHM) != V4_ALGORITHM:
         raise SignatureError("unsupported signing algorithm")
-    _require_parameters(params, V4_QUERY_AUTH_PARAMETERS)
+    require_parameters(params, V4_QUERY_AUTH_PARAMETERS)
     return _parsed_v4_signature(
         "v4-query", credential=params["x-oss-credential"], timestamp=params["x-oss-date"],
         additional_headers=params.get(V4_ADDITIONAL_HEADERS_PARAMETER),
         signature_hex=params["x-oss-signature"],
-        expires=_seconds(params["x-oss-expires"], "x-oss-expires"))
+        expires=seconds(params["x-oss-expires"], "x-oss-expires"))
 
 
 def _parsed_v4_signature(style: Literal["v4-header", "v4-query"], *, credential: str,
@@ -199,39 +194,6 @@ def _parsed_v4_signature(style: Literal["v4-header", "v4-query"], *, credential:
         raise SignatureError("malformed signature")
     return OssSignature(style, parts[0], signature_hex, date=timestamp, region=parts[2],
                         additional_headers=names, expires=expires)
-
-
-def _auth_query_parameters(request: Request, names: Iterable[str]) -> dict[str, str]:
-    """The request's query parameters among `names`, each given at most once."""
-    params: dict[str, str] = {}
-    for name, value in request.query:
-        if name in names:
-            if name in params:
-                raise SignatureError(f"{name} given more than once")
-            params[name] = value
-    return params
-
-
-def _require_parameters(params: dict[str, str], names: Iterable[str]) -> None:
-    missing = [name for name in names if name not in params]
-    if missing:
-        raise SignatureError("missing query parameters: " + ", ".join(missing))
-
-
-def _seconds(value: str, name: str) -> int:
-    if not _SECONDS.fullmatch(value):
-        raise SignatureError(f"malformed {name}")
-    return int(value)
-
-
-def _parse_http_date(value: str) -> datetime:
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        raise SignatureError("malformed request date") from None
-    if parsed.tzinfo is None:  # RFC 5322 "-0000": UTC with no zone information
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
 
 
 def _parse_timestamp(value: str) -> datetime:
@@ -269,7 +231,7 @@ def resign(request: Request, signature: OssSignature, secret_access_key: str, *,
     if signature.style == "v1-header":
         new_signature = _request_signature(request, signature, secret_access_key)
         value = f"{V1_SCHEME} {signature.access_key_id}:{new_signature}"
-        return _with_authorization(request, value), new_signature
+        return with_authorization(request, value), new_signature
     if signature.style == "v1-query":
         new_signature = _request_signature(request, signature, secret_access_key)
         return _with_query_value(request, "Signature", new_signature), new_signature
@@ -283,7 +245,7 @@ def resign(request: Request, signature: OssSignature, secret_access_key: str, *,
         additional = f"AdditionalHeaders={';'.join(names)}, " if names else ""
         value = (f"{V4_ALGORITHM} Credential={signature.access_key_id}/{v4_scope(signature)}, "
                  f"{additional}Signature={new_signature}")
-        return _with_authorization(request, value), new_signature
+        return with_authorization(request, value), new_signature
     # x-oss-additional-headers is itself in the canonical query, so it changes before signing.
     if names:
         request = _with_query_value(request, V4_ADDITIONAL_HEADERS_PARAMETER, ";".join(names))
@@ -302,18 +264,14 @@ def _check_time(auth: OssSignature, now: datetime) -> None:
         if now.timestamp() > auth.expires:
             raise SignatureError("request has expired")
         return
-    signed_at = (_parse_http_date(auth.date) if auth.style == "v1-header"
+    signed_at = (parse_http_date(auth.date) if auth.style == "v1-header"
                  else _parse_timestamp(auth.date))
     if auth.style != "v4-query":
         if abs(now - signed_at) > MAX_CLOCK_SKEW:
             raise SignatureError("request time too skewed")
         return
-    if not 1 <= auth.expires <= V4_MAX_EXPIRES:
-        raise SignatureError(f"x-oss-expires must be between 1 and {V4_MAX_EXPIRES} seconds")
-    if signed_at - now > MAX_CLOCK_SKEW:
-        raise SignatureError("request is not yet valid")
-    if now > signed_at + timedelta(seconds=auth.expires):
-        raise SignatureError("request has expired")
+    check_presigned_window(now, signed_at, auth.expires, parameter="x-oss-expires",
+                           max_expires=V4_MAX_EXPIRES, max_clock_skew=MAX_CLOCK_SKEW)
 
 
 def _check_additional_headers_present(request: Request, names: Iterable[str]) -> None:
@@ -330,12 +288,6 @@ def _request_signature(request: Request, auth: OssSignature, secret_access_key: 
     request_digest = v4_canonical_request(request, auth)
     key = v4_signing_key(secret_access_key, auth.date[:8], auth.region)
     return v4_signature(key, v4_string_to_sign(auth.date, v4_scope(auth), request_digest))
-
-
-def _with_authorization(request: Request, value: str) -> Request:
-    name = next((name for name, _ in request.headers if name.lower() == "authorization"),
-                "Authorization")
-    return request.with_header_map({name: value})
 
 
 def _with_query_value(request: Request, name: str, value: str) -> Request:
@@ -474,3 +426,7 @@ def v4_signing_key(secret_access_key: str, date: str, region: str) -> bytes:
 
 def v4_signature(key: bytes, string_to_sign: str) -> str:
     return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+# Signature styles that sign no header keycourier adds (none here: every style covers them all).
+HEADERLESS_STYLES: frozenset[str] = frozenset()

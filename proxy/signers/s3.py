@@ -22,12 +22,13 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
 from proxy.message import Request
-from proxy.signers.encoding import form_decode, query_pairs, uri_encode
+from proxy.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
+                                  form_decode, parse_http_date, query_pairs, require_parameters,
+                                  seconds, uri_encode, with_authorization)
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SIGV4A_ALGORITHM = "AWS4-ECDSA-P256-SHA256"
@@ -82,7 +83,6 @@ V2_UNSIGNED_SUBRESOURCES = frozenset({
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _PAYLOAD_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _TIMESTAMP = re.compile(r"\d{8}T\d{6}Z")
-_SECONDS = re.compile(r"[0-9]{1,12}")
 _V2_AUTHORIZATION = re.compile(r"AWS ([^\s:]+):(\S+)")
 _V2_SIGNATURE = re.compile(r"[A-Za-z0-9+/]{27}=")  # base64 of a 20-byte HMAC-SHA1
 # <bucket>.s3.amazonaws.com, .s3.<region>., .s3-<region>., .s3.dualstack.<region>., .s3-accelerate.
@@ -92,11 +92,6 @@ _CHUNK_SIGNATURE_KEY = b"chunk-signature="
 _TRAILER_SIGNATURE_NAME = b"x-amz-trailer-signature"
 _MAX_LINE = 1024
 _MAX_TRAILER = 16 * 1024
-
-
-class SignatureError(Exception):
-    """Raised with a reason safe to show the client (no secrets), e.g. 'signature does not match',
-    'request has expired'."""
 
 
 @dataclass(frozen=True)
@@ -171,17 +166,17 @@ def _read_authorization_header(request: Request, value: str) -> SigV4Signature:
 
 
 def _read_query_parameters(request: Request) -> SigV4Signature:
-    params = _auth_query_parameters(request, QUERY_AUTH_PARAMETERS)
+    params = auth_query_parameters(request, QUERY_AUTH_PARAMETERS)
     if "X-Amz-Algorithm" in params:
         _check_algorithm(params["X-Amz-Algorithm"])
-    _require_parameters(params, QUERY_AUTH_PARAMETERS)
+    require_parameters(params, QUERY_AUTH_PARAMETERS)
     # Presigned URLs normally sign no payload; botocore's S3SigV4QueryAuth honours a declared one.
     payload_hash = (request.query_value("X-Amz-Content-Sha256")
                     or request.header("x-amz-content-sha256") or UNSIGNED_PAYLOAD)
     return _parsed_signature(
         "query", credential=params["X-Amz-Credential"], amz_date=params["X-Amz-Date"],
         signed_headers=params["X-Amz-SignedHeaders"], signature_hex=params["X-Amz-Signature"],
-        payload_hash=payload_hash, expires=_seconds(params["X-Amz-Expires"], "X-Amz-Expires"),
+        payload_hash=payload_hash, expires=seconds(params["X-Amz-Expires"], "X-Amz-Expires"),
     )
 
 
@@ -195,40 +190,17 @@ def _read_v2_authorization_header(request: Request, value: str) -> SigV2Signatur
         date = request.header("date")
     if date is None:
         raise SignatureError("missing x-amz-date or Date header")
-    _parse_http_date(date)
+    parse_http_date(date)
     return SigV2Signature("v2-header", match[1], _v2_signature_value(match[2]), expires=None, date=date)
 
 
 def _read_v2_query_parameters(request: Request) -> SigV2Signature:
-    params = _auth_query_parameters(request, V2_QUERY_AUTH_PARAMETERS)
-    _require_parameters(params, V2_QUERY_AUTH_PARAMETERS)
+    params = auth_query_parameters(request, V2_QUERY_AUTH_PARAMETERS)
+    require_parameters(params, V2_QUERY_AUTH_PARAMETERS)
     if not params["AWSAccessKeyId"]:
         raise SignatureError("malformed AWSAccessKeyId")
     return SigV2Signature("v2-query", params["AWSAccessKeyId"], _v2_signature_value(params["Signature"]),
-                          expires=_seconds(params["Expires"], "Expires"), date=None)
-
-
-def _auth_query_parameters(request: Request, names: Iterable[str]) -> dict[str, str]:
-    """The request's query parameters among `names`, each given at most once."""
-    params: dict[str, str] = {}
-    for name, value in request.query:
-        if name in names:
-            if name in params:
-                raise SignatureError(f"{name} given more than once")
-            params[name] = value
-    return params
-
-
-def _require_parameters(params: dict[str, str], names: Iterable[str]) -> None:
-    missing = [name for name in names if name not in params]
-    if missing:
-        raise SignatureError("missing query parameters: " + ", ".join(missing))
-
-
-def _seconds(value: str, name: str) -> int:
-    if not _SECONDS.fullmatch(value):
-        raise SignatureError(f"malformed {name}")
-    return int(value)
+                          expires=seconds(params["Expires"], "Expires"), date=None)
 
 
 def _v2_signature_value(value: str) -> str:
@@ -274,18 +246,7 @@ def _header_timestamp(request: Request) -> str:
     date = request.header("date")
     if date is None:
         raise SignatureError("missing x-amz-date or Date header")
-    return _parse_http_date(date).strftime(SIGV4_TIMESTAMP)
-
-
-def _parse_http_date(value: str) -> datetime:
-    """An HTTP date (Date; x-amz-date under SigV2) in UTC."""
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        raise SignatureError("malformed request date") from None
-    if parsed.tzinfo is None:  # RFC 5322 "-0000": UTC with no zone information
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    return parse_http_date(date).strftime(SIGV4_TIMESTAMP)
 
 
 def _parse_timestamp(amz_date: str) -> datetime:
@@ -332,9 +293,7 @@ def resign(request: Request, signature: SigV4Signature | SigV2Signature, secret_
         new_signature = _request_signature(request, signature, secret_access_key, names)
         value = (f"{ALGORITHM} Credential={signature.access_key_id}/{credential_scope(signature)}, "
                  f"SignedHeaders={signed_headers(names)}, Signature={new_signature}")
-        header_name = next(
-            (name for name, _ in request.headers if name.lower() == "authorization"), "Authorization")
-        return request.with_header_map({header_name: value}), new_signature
+        return with_authorization(request, value), new_signature
     # X-Amz-SignedHeaders is itself in the canonical query, so it changes before signing.
     request = _with_query_value(request, "X-Amz-SignedHeaders", signed_headers(names))
     new_signature = _request_signature(request, signature, secret_access_key, names)
@@ -349,19 +308,15 @@ def _check_time(auth: SigV4Signature, now: datetime) -> None:
         if abs(now - signed_at) > MAX_CLOCK_SKEW:
             raise SignatureError("request time too skewed")
         return
-    if auth.expires is None or not 1 <= auth.expires <= MAX_EXPIRES:
-        raise SignatureError(f"X-Amz-Expires must be between 1 and {MAX_EXPIRES} seconds")
-    if signed_at - now > MAX_CLOCK_SKEW:
-        raise SignatureError("request is not yet valid")
-    if now > signed_at + timedelta(seconds=auth.expires):
-        raise SignatureError("request has expired")
+    check_presigned_window(now, signed_at, auth.expires, parameter="X-Amz-Expires",
+                           max_expires=MAX_EXPIRES, max_clock_skew=MAX_CLOCK_SKEW)
 
 
 def _check_v2_time(auth: SigV2Signature, now: datetime) -> None:
     if auth.style == "v2-query":
         if now.timestamp() > auth.expires:
             raise SignatureError("request has expired")
-    elif abs(now - _parse_http_date(auth.date)) > MAX_CLOCK_SKEW:
+    elif abs(now - parse_http_date(auth.date)) > MAX_CLOCK_SKEW:
         raise SignatureError("request time too skewed")
 
 
@@ -746,3 +701,7 @@ class AwsChunkedResigner:
         self._client_previous = expected
         self._new_previous = signature(self._key, string_to_sign_after(self._new_previous))
         return self._new_previous
+
+
+# Signature styles that sign no header keycourier adds (none here: every style covers them all).
+HEADERLESS_STYLES: frozenset[str] = frozenset()

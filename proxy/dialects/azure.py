@@ -1,0 +1,147 @@
+"""Azure Blob Storage: which request is which operation, and the customer-provided key (CPK) headers
+(docs/azure.md). `bucket` in keycourier's model is the container; `account` the storage account."""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit
+
+from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
+from proxy.keys import Key
+from proxy.message import Request
+
+PROVIDER = "azure"
+CUSTOMER_KEYS = True  # CPK: the request carries the key itself
+CPK_PREFIX = "x-ms-encryption-"
+SOURCE_CPK_PREFIX = "x-ms-source-encryption-"
+CPK_HEADERS = ("key", "key-sha256", "algorithm")
+SECRET_HEADERS = (CPK_PREFIX + "key", SOURCE_CPK_PREFIX + "key")
+
+# Operations that take CPK headers (Microsoft: "Blob Storage operations supporting customer-provided keys").
+KEY_OPERATIONS = frozenset({
+    "PutBlob", "PutBlobFromURL", "PutBlock", "PutBlockFromURL", "PutBlockList", "PutPage", "PutPageFromURL",
+    "AppendBlock", "AppendBlockFromURL", "GetBlob", "GetBlobProperties", "GetBlobMetadata", "SetBlobMetadata",
+    "SetBlobProperties", "SnapshotBlob",
+})
+# The *FromURL operations read a CPK source with x-ms-source-encryption-* (service version 2026-02-06+).
+SOURCE_KEY_OPERATIONS = frozenset({"PutBlobFromURL", "PutBlockFromURL", "PutPageFromURL", "AppendBlockFromURL"})
+# Copy Blob and Copy Blob From URL take no CPK: into an encrypt container they would store the blob
+# under Microsoft's keys, so they are refused there (Put Blob From URL does the same job with a key).
+UNENCRYPTABLE_WRITES = frozenset({"CopyBlob", "CopyBlobFromURL"})
+COPY_OPERATIONS = SOURCE_KEY_OPERATIONS | UNENCRYPTABLE_WRITES
+
+# <account>.blob.core.windows.net, and the sovereign clouds' blob.core.<suffix>
+_ACCOUNT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.blob\.core\.[a-z0-9.]+$", re.IGNORECASE)
+
+_BLOB_COMPS = {
+    "PUT": {"blocklist": "PutBlockList", "metadata": "SetBlobMetadata", "properties": "SetBlobProperties",
+            "snapshot": "SnapshotBlob", "tier": "SetBlobTier", "lease": "LeaseBlob", "tags": "SetBlobTags",
+            "copy": "AbortCopyBlob", "undelete": "UndeleteBlob", "expiry": "SetBlobExpiry",
+            "immutabilityPolicy": "SetBlobImmutabilityPolicy", "legalhold": "SetBlobLegalHold"},
+    "GET": {"metadata": "GetBlobMetadata", "blocklist": "GetBlockList", "pagelist": "GetPageRanges",
+            "tags": "GetBlobTags"},
+    "HEAD": {"metadata": "GetBlobMetadata"},
+    "DELETE": {"immutabilityPolicy": "DeleteBlobImmutabilityPolicy"},
+}
+# comp values whose operation reads its data from another blob when x-ms-copy-source is present
+_DATA_COMPS = {"block": "PutBlock", "page": "PutPage", "appendblock": "AppendBlock"}
+_BLOB_VERBS = {"GET": "GetBlob", "HEAD": "GetBlobProperties", "DELETE": "DeleteBlob"}
+_CONTAINER_VERBS = {"PUT": "CreateContainer", "DELETE": "DeleteContainer", "GET": "GetContainerProperties",
+                    "HEAD": "GetContainerProperties"}
+
+
+def classify(request: Request, endpoint_host: str = "") -> Operation:
+    where = locate(request.host, request.path, endpoint_host)
+    params = dict(request.query)
+    method = request.method.upper()
+    if where.bucket is None:
+        name = "ListContainers" if method == "GET" and params.get("comp") == "list" else OTHER_OPERATION
+    elif where.object_key is None:
+        name = _container_operation(method, params)
+    else:
+        name = _blob_operation(method, params, request)
+    copy_source = _copy_source(request, endpoint_host) if name in COPY_OPERATIONS else None
+    return Operation(PROVIDER, name, where.bucket, where.object_key, copy_source,
+                     accepts_encryption=name in KEY_OPERATIONS, account=where.account)
+
+
+def locate(host: str, raw_path: str, endpoint_host: str) -> ObjectRef:
+    """Account, container and blob: `<account>.blob.core.windows.net/<container>/<blob>`, or the
+    emulator's (Azurite's) `host:port/<account>/<container>/<blob>`."""
+    host = host.lower()
+    path = unquote(raw_path).removeprefix("/")
+    found = _ACCOUNT_HOST.match(host)
+    account = found["account"] if found else bucket_in_host(host, endpoint_host)
+    if account is None:
+        account, _, path = path.partition("/")
+    container, _, blob = path.partition("/")
+    return ObjectRef(container or None, blob or None, account or None)
+
+
+def _container_operation(method: str, params: dict[str, str]) -> str:
+    if params.get("comp") == "list":
+        return "ListBlobs"
+    if params.get("restype") == "container" and "comp" not in params:
+        return _CONTAINER_VERBS.get(method, OTHER_OPERATION)
+    return OTHER_OPERATION  # container metadata, ACLs, leases: no blob data
+
+
+def _blob_operation(method: str, params: dict[str, str], request: Request) -> str:
+    comp = params.get("comp")
+    copy_source = request.header("x-ms-copy-source")
+    if method == "PUT" and comp in _DATA_COMPS:
+        return _DATA_COMPS[comp] + ("FromURL" if copy_source else "")
+    if comp is not None:
+        return _BLOB_COMPS.get(method, {}).get(comp, OTHER_OPERATION)
+    if method == "PUT":
+        if not copy_source:
+            return "PutBlob"
+        if request.header("x-ms-blob-type"):
+            return "PutBlobFromURL"
+        return "CopyBlobFromURL" if (request.header("x-ms-requires-sync") or "").lower() == "true" else "CopyBlob"
+    return _BLOB_VERBS.get(method, OTHER_OPERATION)
+
+
+def _copy_source(request: Request, endpoint_host: str) -> ObjectRef:
+    """x-ms-copy-source: the source blob's URL (its SAS, if any, in the query)."""
+    url = urlsplit(request.header("x-ms-copy-source"))
+    source = locate(url.hostname or "", url.path, endpoint_host)
+    if not (url.hostname and source.account and source.bucket and source.object_key):
+        raise BadRequest("x-ms-copy-source does not name an account, container and blob keycourier can map to a rule")
+    return source
+
+
+def client_key_headers(request: Request) -> list[str]:
+    """CPK headers the client sent itself (encryption scopes are a different feature and pass)."""
+    cpk = {prefix + name for prefix in (CPK_PREFIX, SOURCE_CPK_PREFIX) for name in CPK_HEADERS}
+    return sorted({name.lower() for name, _ in request.headers if name.lower() in cpk})
+
+
+def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]]:
+    """The request with CPK headers for the blob's key and a *FromURL source's key; the names added."""
+    headers: dict[str, str] = {}
+    for prefix, given in ((CPK_PREFIX, encryption.key), (SOURCE_CPK_PREFIX, encryption.source_key)):
+        if given:
+            headers[prefix + "key"] = given.b64
+            headers[prefix + "key-sha256"] = given.sha256_b64
+            headers[prefix + "algorithm"] = "AES256"
+    return request.with_header_map(headers), list(headers)
+
+
+def key_fingerprint(key: Key) -> str:
+    """What Azure itself keeps of the key (x-ms-encryption-key-sha256), safe to log."""
+    return key.sha256_b64
+
+
+def signing_region(request: Request, configured: str | None) -> str | None:
+    return configured  # Shared Key has no region
+
+
+def explain_error(status: int, code: str | None, audit) -> str | None:
+    if code == "BlobUsesCustomerSpecifiedEncryption":
+        return "the blob was written with a customer-provided key; only a rule that supplies that key can read or change it"
+    if code in ("InvalidHeaderValue", "UnsupportedHeader") and audit.key:
+        return f"Azure refused the customer-provided key headers on {audit.operation} (a different key than the blob's, or an operation that takes none)"
+    return None
+
+
+error_body = xml_error_body
