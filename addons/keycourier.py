@@ -12,7 +12,7 @@ from proxy.audit import FORMATS, audit_record, format_record
 from proxy.keys import Secrets
 from proxy.message import Request
 from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
-from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers
+from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers, translate_response
 
 log = logging.getLogger("keycourier")
 
@@ -106,6 +106,9 @@ class KeyCourier:
         decision = self._decisions.get(flow)
         if not isinstance(decision, pipeline.Forward) or flow.response.stream:
             return
+        if decision.respond_as:
+            flow.response.headers = http.Headers(_encode(translate_response(
+                list(flow.response.headers.items(multi=True)), decision.audit.provider, decision.respond_as)))
         # Provider errors are small and their code is in the body: keep them whole to explain them.
         is_small_error = flow.response.status_code >= 400 and int(flow.response.headers.get("content-length", "0") or 0) <= ERROR_BODY_LIMIT
         if not is_small_error:

@@ -17,6 +17,8 @@ REQUESTS = Counter("keycourier_requests", "Requests to policy endpoints, by what
                    ["provider", "operation", "rule", "action", "outcome"], registry=REGISTRY)
 REFUSALS = Counter("keycourier_refusals", "Requests keycourier answered itself, by reason", ["reason"], registry=REGISTRY)
 KEYS_INJECTED = Counter("keycourier_keys_injected", "Keys added to forwarded requests", ["provider", "key"], registry=REGISTRY)
+TRANSLATIONS = Counter("keycourier_translations", "Client keys carried over from one dialect into another",
+                       ["from_dialect", "to_dialect"], registry=REGISTRY)
 VAULT_REQUESTS = Counter("keycourier_vault_requests", "Vault reads and logins, by outcome", ["outcome"], registry=REGISTRY)
 VAULT_SECONDS = Histogram("keycourier_vault_request_seconds", "Time of Vault reads and logins", registry=REGISTRY)
 KEY_CACHE = Counter("keycourier_key_cache", "Key and credential look-ups, by cache result", ["result"], registry=REGISTRY)
@@ -40,6 +42,8 @@ def record_decision(audit) -> None:
         REFUSALS.labels(audit.reason).inc()
     elif audit.key:
         KEYS_INJECTED.labels(audit.provider, audit.key).inc()
+    if audit.translation and not audit.reason:
+        TRANSLATIONS.labels(*audit.translation.split("->")).inc()
 
 
 def record_policy(rules: int, reload_outcome: str | None) -> None:

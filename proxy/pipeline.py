@@ -39,8 +39,19 @@ class Audit:
     key: str | None = None
     key_version: str | None = None
     key_fingerprint: str | None = None
+    translation: str | None = None  # from_dialect->to_dialect, when keycourier translated the client's key
     outcome: str = "forwarded"
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RespondAs:
+    """The dialect a client spoke when keycourier translated its key: the response goes back in it."""
+
+    dialect: str
+    md5_b64: str  # fingerprints of the client's key, never the key
+    sha256_b64: str
+    write: bool
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class Forward:
     body: Callable[[bytes], bytes] | None = None  # stream transform of the request body, if it must change
     secret_headers: tuple[str, ...] = ()  # header names to redact once sent
     audit: Audit = field(default_factory=Audit)
+    respond_as: RespondAs | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         rule, source_rule = match_policy(policy, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
-        client_keys = check_client_keys(dialect, request, rule)
+        client_keys = check_client_keys(request, rule)
         plan = plan_encryption(dialect, operation, rule, source_rule)
         check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys),
                   injects_key=bool(plan.key or plan.source_key))
@@ -80,10 +92,13 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         if encryption.key:
             key = encryption.key
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
-        rendered, added = render_dialect(dialect, request, encryption)
+        translated, encryption, respond_as = translate_dialect(request, dialect, operation, encryption, policy)
+        if respond_as:
+            audit = replace(audit, translation=f"{respond_as.dialect}->{dialect.PROVIDER}")
+        rendered, added = render_dialect(dialect, translated, encryption)
         signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
                                now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
-        return Forward(signed, body, dialect.SECRET_HEADERS, audit)
+        return Forward(signed, body, SECRET_HEADERS, audit, respond_as)
     except Refused as refused:
         content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
         return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
@@ -124,9 +139,9 @@ def _named(where: ObjectRef) -> str:
     return f"{where.account + '/' if where.account else ''}{where.bucket}/{where.object_key or ''}"
 
 
-def check_client_keys(dialect: ModuleType, request: Request, rule: Rule) -> list[str]:
-    """The key headers the application sent itself; refused where keycourier supplies the key."""
-    client_keys = dialect.client_key_headers(request)
+def check_client_keys(request: Request, rule: Rule) -> list[str]:
+    """The key headers the application sent itself, in any dialect; refused where keycourier supplies the key."""
+    client_keys = [name for dialect in DIALECTS.values() for name in dialect.client_key_headers(request)]
     if client_keys and rule.action == "encrypt":
         raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
     return client_keys
@@ -169,6 +184,35 @@ def get_key(policy: Policy, secrets: Secrets, name: str | None) -> Key | None:
         return secrets.key(policy, policy.keys[name])
     except KeyUnavailable as exc:
         raise Refused(503, "ServiceUnavailable", f"cannot get key: {exc}; the request was not forwarded", "key_unavailable") from None
+
+
+def translate_dialect(request: Request, dialect: ModuleType, operation: Operation, encryption: Encryption,
+                      policy: Policy) -> tuple[Request, Encryption, RespondAs | None]:
+    """A key the client sent in another provider's dialect, taken out of the request to be rendered in
+    this one's (S3 SSE-C <-> Azure CPK; to OSS, the KMS key the policy maps the key to)."""
+    spoken = [other for other in DIALECTS.values()
+              if other is not dialect and other.CUSTOMER_KEYS and other.client_key_headers(request)]
+    if not spoken:
+        return request, encryption, None
+    if len(spoken) > 1:
+        raise Refused(400, "InvalidRequest", "the request carries key headers of more than one dialect", "translation")
+    client_dialect = spoken[0]
+    try:
+        sent = client_dialect.parse_client_key(request)
+    except BadRequest as exc:
+        raise Refused(400, "InvalidRequest", f"the {client_dialect.PROVIDER} key headers are invalid: {exc}", "translation") from None
+    stripped = request.with_header_map({name: None for name in client_dialect.client_key_headers(request)})
+    if not operation.accepts_encryption:
+        return stripped, encryption, None  # e.g. a delete: the provider takes no key here
+    key = sent.key or sent.source_key
+    respond_as = RespondAs(client_dialect.PROVIDER, key.md5_b64, key.sha256_b64, operation.name in dialect.WRITE_OPERATIONS)
+    if dialect.CUSTOMER_KEYS:
+        return stripped, sent, respond_as
+    kms_key_id = policy.oss_kms_key_ids.get(key.sha256_b64)
+    if kms_key_id is None:
+        raise Refused(400, "InvalidRequest", f"{operation.provider} takes no customer keys and the policy maps this key "
+                      f"(SHA-256 {key.sha256_b64}) to no KMS key in oss_kms_key_ids; it was not forwarded", "translation")
+    return stripped, Encryption(managed="KMS", managed_key_id=kms_key_id), None
 
 
 def render_dialect(dialect: ModuleType, request: Request, encryption: Encryption) -> tuple[Request, list[str]]:

@@ -119,6 +119,8 @@ class Policy:
     credentials: dict[str, SecretSpec]
     rules: tuple[Rule, ...]
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
+    # Translation to OSS: the KMS key id to use for a customer key, by the key's base64 SHA-256.
+    oss_kms_key_ids: dict[str, str] = field(default_factory=dict)
     needs_vault: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,7 @@ class Policy:
         return lines
 
 
+_SHA256_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
 _GLOB_CHARS = re.compile(r"^[A-Za-z0-9._*?:-]*$")
 
 
@@ -216,7 +219,7 @@ class _PolicyReader:
 
     def policy(self, document: Any, source: str) -> Policy:
         top = self.mapping(document, "policy", 1, required={"version", "endpoints", "rules"},
-                           optional={"vault", "keys", "credentials", "key_cache_ttl"})
+                           optional={"vault", "keys", "credentials", "key_cache_ttl", "oss_kms_key_ids"})
         if top["version"] != 1:
             raise _NodeError(top.lines["version"], f"unsupported version {top['version']!r} (this keycourier reads version 1)")
         keys = self.named(top, "keys", self.key)
@@ -232,7 +235,21 @@ class _PolicyReader:
             credentials=credentials,
             rules=tuple(self.rule(r, top.lines["rules"], keys) for r in self.sequence(top, "rules")),
             key_cache_ttl=float(ttl),
+            oss_kms_key_ids=self.kms_key_ids(top),
         )
+
+    def kms_key_ids(self, top: _Mapping) -> dict[str, str]:
+        if "oss_kms_key_ids" not in top:
+            return {}
+        mapping = top["oss_kms_key_ids"]
+        if not isinstance(mapping, _Mapping):
+            raise _NodeError(top.lines["oss_kms_key_ids"], "oss_kms_key_ids must map key SHA-256 fingerprints to KMS key ids")
+        for fingerprint, kms_key_id in mapping.items():
+            if not isinstance(fingerprint, str) or not _SHA256_B64.fullmatch(fingerprint):
+                raise _NodeError(mapping.lines[fingerprint], f"{fingerprint!r} is not a base64 SHA-256 (44 characters ending in '=')")
+            if not isinstance(kms_key_id, str) or not kms_key_id:
+                raise _NodeError(mapping.lines[fingerprint], "the KMS key id must be a non-empty string")
+        return dict(mapping)
 
     # shapes
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.pipeline import DIALECTS, Audit
+from proxy.pipeline import DIALECTS, Audit, RespondAs
 
 REDACTED = "[redacted by keycourier]"
 ERROR_BODY_LIMIT = 64 * 1024  # provider error documents are far smaller
@@ -19,6 +19,17 @@ def header_safe(text: str, limit: int = 512) -> str:
 def redact_headers(headers: tuple[tuple[str, str], ...], secret_names) -> list[tuple[str, str]]:
     secret = {name.lower() for name in secret_names}
     return [(name, REDACTED if name.lower() in secret else value) for name, value in headers]
+
+
+def translate_response(headers: list[tuple[str, str]], provider: str, respond_as: RespondAs) -> list[tuple[str, str]]:
+    """The provider's answer about the customer key, said in the dialect the client spoke: e.g. Azure's
+    x-ms-encryption-key-sha256 becomes S3's SSE-C algorithm and key-MD5 headers."""
+    upstream_names = {name.lower() for name in DIALECTS[provider].RESPONSE_KEY_HEADERS}
+    kept = [(name, value) for name, value in headers if name.lower() not in upstream_names]
+    if len(kept) == len(headers):
+        return headers  # the provider said nothing about a key: neither does the translation
+    spoken = DIALECTS[respond_as.dialect].response_key_headers(respond_as.md5_b64, respond_as.sha256_b64, respond_as.write)
+    return kept + list(spoken.items())
 
 
 def explain_upstream_error(audit: Audit, status: int, body: bytes) -> str | None:

@@ -163,3 +163,25 @@ def test_no_key_in_the_log_or_the_saved_flows(app, upstream):
         for key in KEYS.values():
             assert base64.b64encode(key) not in place and key not in place
         assert ACCOUNT_KEY.encode() not in place
+
+
+def test_s3_sse_c_headers_sent_to_azure_are_translated_into_cpk(app, upstream):
+    """An application that speaks S3's SSE-C dialect to Azure gets CPK (SHA-256 computed), and SSE-C back."""
+    own_key = os.urandom(32)
+    md5 = base64.b64encode(hashlib.md5(own_key).digest()).decode()
+    sse_c = {"x-amz-server-side-encryption-customer-algorithm": "AES256",
+             "x-amz-server-side-encryption-customer-key": base64.b64encode(own_key).decode(),
+             "x-amz-server-side-encryption-customer-key-MD5": md5}
+    answers = []
+    blob = service(upstream).get_blob_client("public", "translated.txt")
+    blob.upload_blob(b"spoken in S3's dialect", overwrite=True, headers=sse_c,
+                     raw_response_hook=lambda response: answers.append(response.http_response.headers))
+    assert upstream.stored(ACCOUNT, "public", "translated.txt").encryption_key_sha256 == sha256_b64(own_key)
+    assert answers[-1]["x-amz-server-side-encryption-customer-key-MD5"] == md5
+    assert "x-ms-encryption-key-sha256" not in answers[-1]
+    assert blob.download_blob(headers=sse_c).readall() == b"spoken in S3's dialect"
+    # A key that does not match its MD5 is refused, not forwarded.
+    upstream.clear_requests()
+    bad = {**sse_c, "x-amz-server-side-encryption-customer-key-MD5": base64.b64encode(bytes(16)).decode()}
+    assert status_of(lambda: blob.upload_blob(b"x", overwrite=True, headers=bad)) == 400
+    assert upstream.requests == []

@@ -2,6 +2,8 @@
 The application is configured with the proxy and the CA bundle only (HTTPS_PROXY, REQUESTS_CA_BUNDLE)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 
 import oss2
@@ -12,6 +14,8 @@ from tests.upstreams.oss import OssUpstream
 
 ACCESS_KEY, SECRET = "LTAIkeycourierE2E001", "oss-e2e-secret-for-tests-only-01"
 KMS_KEY_ID = "9468da86-3509-4f8d-a61e-6eab1eac0042"
+MAPPED_KEY = os.urandom(32)  # a customer key the policy maps to a KMS key, for translation
+MAPPED_KMS_KEY_ID = "kms-for-the-mapped-customer-key"
 SSE = "x-oss-server-side-encryption"
 
 
@@ -34,6 +38,8 @@ endpoints:
   - {{host: "127.0.0.1:{upstream.port}", provider: oss}}
 credentials:
   app: {{file: app.yaml}}
+oss_kms_key_ids:
+  "{sha256_b64(MAPPED_KEY)}": {MAPPED_KMS_KEY_ID}
 rules:
   - {{match: {{provider: oss, bucket: "kms-*"}}, action: encrypt, oss_sse: KMS, kms_key_id: "{KMS_KEY_ID}"}}
   - {{match: {{provider: oss, bucket: "aes-*"}}, action: encrypt, oss_sse: AES256}}
@@ -54,6 +60,16 @@ def app(keycourier, monkeypatch):
                         "REQUESTS_CA_BUNDLE": str(keycourier.ca_cert)}.items():
         monkeypatch.setenv(name, value)
     return keycourier
+
+
+def sha256_b64(key: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(key).digest()).decode()
+
+
+def sse_c_headers(key: bytes) -> dict[str, str]:
+    return {"x-amz-server-side-encryption-customer-algorithm": "AES256",
+            "x-amz-server-side-encryption-customer-key": base64.b64encode(key).decode(),
+            "x-amz-server-side-encryption-customer-key-MD5": base64.b64encode(hashlib.md5(key).digest()).decode()}
 
 
 def bucket(upstream, name, auth=None):
@@ -134,4 +150,17 @@ def test_wrong_client_signature_is_refused_before_forwarding(app, upstream):
     with pytest.raises(oss2.exceptions.ServerError) as raised:
         bucket(upstream, "kms-payroll", oss2.Auth(ACCESS_KEY, "not-the-secret")).put_object("a", b"x")
     assert (raised.value.status, raised.value.code) == (403, "SignatureDoesNotMatch")
+    assert upstream.requests == []
+
+
+def test_sse_c_sent_to_oss_becomes_kms_with_the_mapped_key_or_is_refused(app, upstream):
+    """OSS takes no customer keys: the policy says which KMS key stands for the client's key."""
+    open_web = bucket(upstream, "open-web")
+    open_web.put_object("mapped.txt", b"x", headers=sse_c_headers(MAPPED_KEY))
+    stored = upstream.stored("open-web", "mapped.txt")
+    assert (stored.server_side_encryption, stored.kms_key_id) == ("KMS", MAPPED_KMS_KEY_ID)
+    upstream.clear_requests()
+    with pytest.raises(oss2.exceptions.ServerError) as raised:
+        open_web.put_object("unmapped.txt", b"x", headers=sse_c_headers(os.urandom(32)))
+    assert raised.value.status == 400 and "maps this key" in raised.value.message
     assert upstream.requests == []

@@ -491,3 +491,26 @@ def test_configmap_symlink_swap_is_reloaded_by_the_running_proxy(s3, ca_pem, key
         assert "keycourier_policy_reloads_total{outcome=\"success\"} 1.0" in proxy.scrape()[1]
     finally:
         proxy.stop()
+
+
+def test_azure_cpk_headers_sent_to_s3_are_translated_into_sse_c(app_env, s3):
+    """An application that speaks Azure's CPK dialect to an S3 endpoint gets SSE-C, and CPK back."""
+    own_key = os.urandom(32)
+    sha256 = base64.b64encode(hashlib.sha256(own_key).digest()).decode()
+    client = app_client(s3.endpoint_url)
+
+    def add_cpk(request, **_):
+        request.headers["x-ms-encryption-key"] = base64.b64encode(own_key).decode()
+        request.headers["x-ms-encryption-key-sha256"] = sha256
+        request.headers["x-ms-encryption-algorithm"] = "AES256"
+
+    client.meta.events.register("before-sign.s3.PutObject", add_cpk)  # botocore signs them: keycourier re-signs without
+    client.meta.events.register("before-sign.s3.GetObject", add_cpk)
+    written = client.put_object(Bucket="public-web", Key="translated.txt", Body=b"in another dialect")
+    assert s3.stored("public-web", "translated.txt").sse_customer_key_md5 == md5_b64(own_key)
+    assert written["ResponseMetadata"]["HTTPHeaders"]["x-ms-encryption-key-sha256"] == sha256
+    assert written["ResponseMetadata"]["HTTPHeaders"]["x-ms-request-server-encrypted"] == "true"
+    read = client.get_object(Bucket="public-web", Key="translated.txt")
+    assert read["Body"].read() == b"in another dialect"
+    assert read["ResponseMetadata"]["HTTPHeaders"]["x-ms-server-encrypted"] == "true"
+    assert "x-amz-server-side-encryption-customer-key-md5" not in read["ResponseMetadata"]["HTTPHeaders"]

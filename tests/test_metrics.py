@@ -38,3 +38,15 @@ def test_counting_passes_bytes_through_and_counts_them():
     count = metrics.counting("s3", "upload", lambda data: data * 2)
     assert count(b"abc") == b"abcabc" and count(b"") == b""
     assert metrics.REGISTRY.get_sample_value("keycourier_body_bytes_total", labels) - before == 6
+
+
+def test_translations_are_counted_by_dialect_pair():
+    from proxy.pipeline import Audit
+
+    labels = {"from_dialect": "s3", "to_dialect": "azure"}
+    before = metrics.REGISTRY.get_sample_value("keycourier_translations_total", labels) or 0
+    metrics.record_decision(Audit(provider="azure", operation="PutBlob", rule="rule3", action="passthrough",
+                                  translation="s3->azure"))
+    metrics.record_decision(Audit(provider="azure", operation="PutBlob", rule="rule3", action="passthrough",
+                                  translation="s3->azure", outcome="refused", reason="translation"))
+    assert metrics.REGISTRY.get_sample_value("keycourier_translations_total", labels) - before == 1

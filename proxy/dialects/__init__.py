@@ -47,6 +47,25 @@ class Encryption:
     managed_key_id: str | None = None  # OSS: the KMS key id
 
 
+def parse_customer_key(request, prefix: str, digest_header: str, digest_of, digest_name: str):
+    """The key a client sent itself in one dialect's headers (`prefix` + key, algorithm and
+    `digest_header`), checked as the provider checks it; None when it sent none."""
+    from proxy.keys import Key, KeyUnavailable, decode_key
+
+    encoded = request.header(prefix + "key")
+    if encoded is None:
+        return None
+    if (request.header(prefix + "algorithm") or "").upper() != "AES256":
+        raise BadRequest(f"{prefix}algorithm must be AES256")
+    try:
+        key = Key("client", "client", decode_key("sent by the client", encoded))
+    except KeyUnavailable as exc:
+        raise BadRequest(str(exc)) from None
+    if request.header(digest_header) not in (None, digest_of(key)):
+        raise BadRequest(f"the {digest_name} in {digest_header} does not match the key sent")
+    return key
+
+
 def bucket_in_host(host: str, endpoint_host: str) -> str | None:
     """The leading label(s) of `host` under a policy endpoint written `*.<domain>`: that is how an
     endpoint says its buckets (Azure: accounts) are addressed virtual-hosted, as SDKs do by default."""

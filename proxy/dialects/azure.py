@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit
 
-from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
+from proxy.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
+                             parse_customer_key, xml_error_body)
 from proxy.keys import Key
 from proxy.message import Request
 
@@ -28,6 +29,9 @@ SOURCE_KEY_OPERATIONS = frozenset({"PutBlobFromURL", "PutBlockFromURL", "PutPage
 # under Microsoft's keys, so they are refused there (Put Blob From URL does the same job with a key).
 UNENCRYPTABLE_WRITES = frozenset({"CopyBlob", "CopyBlobFromURL"})
 COPY_OPERATIONS = SOURCE_KEY_OPERATIONS | UNENCRYPTABLE_WRITES
+WRITE_OPERATIONS = frozenset({"PutBlob", "PutBlobFromURL", "PutBlock", "PutBlockFromURL", "PutBlockList", "PutPage",
+                              "PutPageFromURL", "AppendBlock", "AppendBlockFromURL", "SetBlobMetadata",
+                              "SetBlobProperties", "SnapshotBlob"})
 
 # <account>.blob.core.windows.net, and the sovereign clouds' blob.core.<suffix>
 _ACCOUNT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.blob\.core\.[a-z0-9.]+$", re.IGNORECASE)
@@ -125,6 +129,21 @@ def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]
             headers[prefix + "key-sha256"] = given.sha256_b64
             headers[prefix + "algorithm"] = "AES256"
     return request.with_header_map(headers), list(headers)
+
+
+def parse_client_key(request: Request) -> Encryption:
+    """The keys a client sent in CPK headers, to render in another provider's dialect."""
+    return Encryption(*(parse_customer_key(request, prefix, prefix + "key-sha256", lambda key: key.sha256_b64, "SHA-256")
+                        for prefix in (CPK_PREFIX, SOURCE_CPK_PREFIX)))
+
+
+RESPONSE_KEY_HEADERS = (CPK_PREFIX + "key-sha256",)
+
+
+def response_key_headers(md5_b64: str, sha256_b64: str, write: bool) -> dict[str, str]:
+    """What Azure answers about the customer key a blob was written or read with."""
+    encrypted = "x-ms-request-server-encrypted" if write else "x-ms-server-encrypted"
+    return {CPK_PREFIX + "key-sha256": sha256_b64, encrypted: "true"}
 
 
 def key_fingerprint(key: Key) -> str:

@@ -23,6 +23,8 @@ ENCRYPTION_OPERATIONS = frozenset({"PutObject", "CopyObject", "InitiateMultipart
 # refused under encrypt rules, like any object operation keycourier cannot name.
 UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
 SOURCE_KEY_OPERATIONS: frozenset[str] = frozenset()
+RESPONSE_KEY_HEADERS: tuple[str, ...] = ()  # no customer keys, nothing to say about one
+WRITE_OPERATIONS = ENCRYPTION_OPERATIONS | {"UploadPart", "UploadPartCopy", "CompleteMultipartUpload"}
 
 # <bucket>.oss-<region>[-internal].aliyuncs.com, <bucket>.oss-accelerate.aliyuncs.com
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>[a-z0-9-]+)\.oss-[a-z0-9-]+\.aliyuncs\.com$", re.IGNORECASE)

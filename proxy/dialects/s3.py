@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
+from proxy.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
+                             parse_customer_key, xml_error_body)
 from proxy.keys import Key
 from proxy.message import Request
 
@@ -22,6 +23,7 @@ KEY_OPERATIONS = frozenset({
 })
 COPY_OPERATIONS = frozenset({"CopyObject", "UploadPartCopy"})
 SOURCE_KEY_OPERATIONS = COPY_OPERATIONS
+WRITE_OPERATIONS = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CopyObject"})
 
 # <bucket>.s3[.-<region>|.dualstack|-accelerate...].amazonaws.com[.cn]
 _VIRTUAL_HOSTED = re.compile(r"^(?P<bucket>.+)\.s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$", re.IGNORECASE)
@@ -144,6 +146,20 @@ def client_key_headers(request: Request) -> list[str]:
                    if name.lower().startswith((SSE_C_PREFIX, COPY_SOURCE_SSE_C_PREFIX))})
 
 
+def parse_client_key(request: Request) -> Encryption:
+    """The keys a client sent in SSE-C headers, to render in another provider's dialect."""
+    return Encryption(*(parse_customer_key(request, prefix, prefix + "key-MD5", lambda key: key.md5_b64, "MD5")
+                        for prefix in (SSE_C_PREFIX, COPY_SOURCE_SSE_C_PREFIX)))
+
+
+RESPONSE_KEY_HEADERS = (SSE_C_PREFIX + "algorithm", SSE_C_PREFIX + "key-MD5")
+
+
+def response_key_headers(md5_b64: str, sha256_b64: str, write: bool) -> dict[str, str]:
+    """What S3 answers about the customer key an object was written or read with."""
+    return {SSE_C_PREFIX + "algorithm": "AES256", SSE_C_PREFIX + "key-MD5": md5_b64}
+
+
 def key_fingerprint(key: Key) -> str:
     """What S3 itself sees of the key, safe to log."""
     return key.md5_b64
@@ -163,7 +179,6 @@ def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]
 error_body = xml_error_body
 
 
-WRITE_OPERATIONS = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CopyObject"})
 
 
 def explain_error(status: int, code: str | None, audit) -> str | None:

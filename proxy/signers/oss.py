@@ -235,7 +235,8 @@ def resign(request: Request, signature: OssSignature, secret_access_key: str, *,
     if signature.style == "v1-query":
         new_signature = _request_signature(request, signature, secret_access_key)
         return _with_query_value(request, "Signature", new_signature), new_signature
-    names = tuple(sorted(set(signature.additional_headers) | {
+    present = {name.lower() for name, _ in request.headers}  # keycourier may have removed some
+    names = tuple(sorted((set(signature.additional_headers) & present) | {
         name.lower() for name in added_headers if not _v4_signed_by_default(name.lower())}))
     signature = OssSignature(signature.style, signature.access_key_id, "", signature.date,
                              signature.region, names, signature.expires)

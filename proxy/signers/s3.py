@@ -280,6 +280,7 @@ def resign(request: Request, signature: SigV4Signature | SigV2Signature, secret_
            added_headers: Iterable[str], region: str = "us-east-1",
            now: datetime | None = None) -> tuple[Request, str]:
     """`request` signed again, now also over `added_headers`; returns it with the new (seed) signature.
+    Signed headers keycourier has removed (a translated dialect's key headers) are left out.
 
     SigV4: with the client's key id, date, scope and payload hash (`region` and `now` are not used).
     SigV2: with SigV4 header auth for `region` at `now` (timezone-aware; default: the current time),
@@ -288,7 +289,8 @@ def resign(request: Request, signature: SigV4Signature | SigV2Signature, secret_
     if isinstance(signature, SigV2Signature):
         request, signature = _as_sigv4_header_auth(request, signature, region,
                                                    now or datetime.now(timezone.utc))
-    names = tuple(sorted(set(signature.signed_headers) | {name.lower() for name in added_headers}))
+    present = {name.lower() for name, _ in request.headers} | {"host"}  # host: HTTP/2 :authority
+    names = tuple(sorted((set(signature.signed_headers) & present) | {name.lower() for name in added_headers}))
     if signature.style == "header":
         new_signature = _request_signature(request, signature, secret_access_key, names)
         value = (f"{ALGORITHM} Credential={signature.access_key_id}/{credential_scope(signature)}, "
