@@ -148,3 +148,42 @@ def test_vault_kubernetes_auth_defaults_to_the_service_account_token():
     assert (policy.vault.auth.role, policy.vault.auth.mount) == ("keycourier", "k8s-prod")
     with pytest.raises(PolicyError, match="unknown field 'role_id' in vault.auth \\(kubernetes\\)"):
         parse_policy(VALID.replace("method: approle, role_id", "method: kubernetes, role: r, role_id"))
+
+
+MULTI = textwrap.dedent("""\
+    version: 1
+    endpoints:
+      - {host: "*.blob.core.windows.net", provider: azure}
+      - {host: "*.aliyuncs.com", provider: oss}
+    keys:
+      payroll: {file: k.key}
+    oss_kms_key_ids:
+      "3QFFFpRA5+XANHqwwbT4yXDmrT/2JaLt/FKHjzhOdoE=": kms-1
+    rules:
+      - {match: {provider: azure, account: "payroll*", bucket: salaries}, action: encrypt, key: payroll}
+      - {match: {provider: oss, bucket: "hr-*"}, action: encrypt, oss_sse: KMS, kms_key_id: kms-2}
+      - {match: {provider: "*"}, action: deny}
+""")
+
+
+def test_azure_accounts_and_oss_encryption_are_policy_fields():
+    policy = parse_policy(MULTI)
+    assert policy.rule_for("azure", "salaries", "a.csv", account="payrollprod").key == "payroll"
+    assert policy.rule_for("azure", "salaries", "a.csv", account="other").action == "deny"
+    assert (policy.rules[1].oss_sse, policy.rules[1].kms_key_id) == ("KMS", "kms-2")
+    assert policy.oss_kms_key_ids == {"3QFFFpRA5+XANHqwwbT4yXDmrT/2JaLt/FKHjzhOdoE=": "kms-1"}
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (("oss_sse: KMS, kms_key_id: kms-2", "oss_sse: DES"), "an OSS encrypt rule needs oss_sse: one of AES256, SM4, KMS"),
+    (("oss_sse: KMS, kms_key_id: kms-2", "key: payroll"), "OSS takes no customer key"),
+    (("oss_sse: KMS, kms_key_id: kms-2", "oss_sse: AES256, kms_key_id: kms-2"), "kms_key_id goes with oss_sse: KMS"),
+    (("provider: azure, account", "provider: s3, account"), "account applies to azure rules only"),
+    (("action: encrypt, key: payroll}", "action: encrypt, key: payroll, oss_sse: KMS}"), "oss_sse applies to oss rules only"),
+    (('"3QFFFpRA5+XANHqwwbT4yXDmrT/2JaLt/FKHjzhOdoE="', '"not-a-fingerprint"'), "is not a base64 SHA-256"),
+])
+def test_provider_specific_fields_are_checked(edit, reason):
+    old, new = edit
+    assert old in MULTI
+    with pytest.raises(PolicyError, match=re.escape(reason)):
+        parse_policy(MULTI.replace(old, new))
