@@ -334,6 +334,7 @@ def test_policy_edits_take_effect_and_an_invalid_edit_keeps_the_policy(app_env, 
         app_env.policy_path.write_text(original.replace("action: deny", "action: drop"))
         app_env.wait_for_log("policy reload refused, keeping the previous policy")
         assert "unknown action 'drop'" in app_env.log()
+        assert metric(app_env.scrape()[1], "keycourier_policy_reloads_total", outcome="failure") == 1
         assert error_of(lambda: client.put_object(Bucket="public-web", Key="after.txt", Body=b"x")) == (403, "AccessDenied")
     finally:
         app_env.policy_path.write_text(original)

@@ -176,3 +176,12 @@ def test_token_is_renewed_before_expiry_and_login_repeated_when_renewal_fails(va
     now[0] += 25
     assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
     assert (logins() - start_logins, renewals() - start_renewals) == (2, 2)
+
+
+def test_vault_namespace_from_the_environment(vault, ca_pem):
+    vault.kv_put("keycourier/payroll", {"key": base64.b64encode(KEY_V1[::-1]).decode()}, namespace="team-a")
+    environ = {"VAULT_ADDR": vault.addr, "VAULT_CACERT": str(ca_pem), "VAULT_TOKEN": vault.root_token,
+               "VAULT_NAMESPACE": "team-a"}
+    policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
+    secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
+    assert secrets.key(policy, policy.keys["k"]).material == KEY_V1[::-1]
