@@ -19,10 +19,15 @@ from proxy.policy import Policy, SecretSpec, VaultSecretRef
 from proxy.vault import Vault, VaultError
 
 KEY_BYTES = 32
+TRANSIENT_VAULT_OUTCOMES = frozenset({"unreachable", "sealed"})
 
 
 class KeyUnavailable(Exception):
     """The key or credential cannot be had. The reason names it, never shows it."""
+
+    def __init__(self, reason: str, *, transient: bool = False):
+        super().__init__(reason)
+        self.transient = transient  # the source could not be reached, as opposed to answering no
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,9 @@ def read_private_file(path: Path, what: str) -> str:
 
 
 class TtlCache:
-    """Values live `ttl` seconds. Concurrent misses for one entry make one load, not many."""
+    """Values live `ttl` seconds. Concurrent misses for one entry make one load, not many.
+    While the source is unreachable, an expired value is still served for `stale_for` seconds (as Vault
+    Agent's cache does): it is the same key, so this keeps encryption available, never weakens it."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
@@ -91,7 +98,7 @@ class TtlCache:
         self._locks: dict[Hashable, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, entry: Hashable, ttl: float, load: Callable[[], object]):
+    def get(self, entry: Hashable, ttl: float, load: Callable[[], object], stale_for: float = 0.0):
         with self._guard:
             lock = self._locks.setdefault(entry, threading.Lock())
         with lock:
@@ -99,8 +106,14 @@ class TtlCache:
             if cached and self.clock() < cached[0]:
                 metrics.KEY_CACHE.labels("hit").inc()
                 return cached[1]
+            try:
+                value = load()
+            except KeyUnavailable as exc:
+                if cached and exc.transient and self.clock() < cached[0] + stale_for:
+                    metrics.KEY_CACHE.labels("stale").inc()
+                    return cached[1]
+                raise
             metrics.KEY_CACHE.labels("miss").inc()
-            value = load()
             self._entries[entry] = (self.clock() + ttl, value)
             return value
 
@@ -115,13 +128,14 @@ class Secrets:
         self._vault_lock = threading.Lock()
 
     def key(self, policy: Policy, spec: SecretSpec) -> Key:
-        return self.cache.get(("key", spec), policy.key_cache_ttl, lambda: self._load_key(policy, spec))
+        return self.cache.get(("key", spec), policy.key_cache_ttl, lambda: self._load_key(policy, spec),
+                              policy.key_cache_stale_ttl)
 
     def credential_for(self, policy: Policy, access_key_id: str) -> Credential | None:
         """The credential with this access key id, or None if the policy lists none."""
         for spec in policy.credentials.values():
             credential = self.cache.get(("credential", spec), policy.key_cache_ttl,
-                                        lambda spec=spec: self._load_credential(policy, spec))
+                                        lambda spec=spec: self._load_credential(policy, spec), policy.key_cache_stale_ttl)
             if credential.access_key_id == access_key_id:
                 return credential
         return None
@@ -153,7 +167,7 @@ class Secrets:
         try:
             return self._vault(policy).read_kv2(ref)
         except VaultError as exc:
-            raise KeyUnavailable(f"{what}: {exc}") from None
+            raise KeyUnavailable(f"{what}: {exc}", transient=exc.outcome in TRANSIENT_VAULT_OUTCOMES) from None
 
     def vault_problem(self, policy: Policy) -> str | None:
         """Why Vault cannot serve this policy's keys right now, or None (also when it needs no Vault)."""

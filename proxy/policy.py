@@ -12,6 +12,7 @@ from proxy.dialects import PROVIDERS
 
 ACTIONS = ("encrypt", "passthrough", "deny")
 DEFAULT_KEY_CACHE_TTL = 300.0
+DEFAULT_KEY_CACHE_STALE_TTL = 300.0
 
 
 class PolicyError(ValueError):
@@ -119,6 +120,7 @@ class Policy:
     credentials: dict[str, SecretSpec]
     rules: tuple[Rule, ...]
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
+    key_cache_stale_ttl: float = DEFAULT_KEY_CACHE_STALE_TTL
     # Translation to OSS: the KMS key id to use for a customer key, by the key's base64 SHA-256.
     oss_kms_key_ids: dict[str, str] = field(default_factory=dict)
     needs_vault: bool = field(init=False)
@@ -219,14 +221,13 @@ class _PolicyReader:
 
     def policy(self, document: Any, source: str) -> Policy:
         top = self.mapping(document, "policy", 1, required={"version", "endpoints", "rules"},
-                           optional={"vault", "keys", "credentials", "key_cache_ttl", "oss_kms_key_ids"})
+                           optional={"vault", "keys", "credentials", "key_cache_ttl", "key_cache_stale_ttl", "oss_kms_key_ids"})
         if top["version"] != 1:
             raise _NodeError(top.lines["version"], f"unsupported version {top['version']!r} (this keycourier reads version 1)")
         keys = self.named(top, "keys", self.key)
         credentials = self.named(top, "credentials", self.credential)
-        ttl = top.get("key_cache_ttl", DEFAULT_KEY_CACHE_TTL)
-        if not isinstance(ttl, (int, float)) or ttl < 0:
-            raise _NodeError(top.lines.get("key_cache_ttl", top.line), "key_cache_ttl must be a number of seconds >= 0")
+        ttl = self.seconds(top, "key_cache_ttl", DEFAULT_KEY_CACHE_TTL)
+        stale_ttl = self.seconds(top, "key_cache_stale_ttl", DEFAULT_KEY_CACHE_STALE_TTL)
         return Policy(
             source=source,
             vault=self.vault(top["vault"], top.lines["vault"]) if "vault" in top else None,
@@ -234,9 +235,16 @@ class _PolicyReader:
             keys=keys,
             credentials=credentials,
             rules=tuple(self.rule(r, top.lines["rules"], keys) for r in self.sequence(top, "rules")),
-            key_cache_ttl=float(ttl),
+            key_cache_ttl=ttl,
+            key_cache_stale_ttl=stale_ttl,
             oss_kms_key_ids=self.kms_key_ids(top),
         )
+
+    def seconds(self, top: _Mapping, name: str, default: float) -> float:
+        value = top.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise _NodeError(top.lines.get(name, top.line), f"{name} must be a number of seconds >= 0")
+        return float(value)
 
     def kms_key_ids(self, top: _Mapping) -> dict[str, str]:
         if "oss_kms_key_ids" not in top:

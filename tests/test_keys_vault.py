@@ -185,3 +185,29 @@ def test_vault_namespace_from_the_environment(vault, ca_pem):
     policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
     secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
     assert secrets.key(policy, policy.keys["k"]).material == KEY_V1[::-1]
+
+
+def test_an_expired_key_is_served_stale_while_vault_is_unreachable_but_not_after(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    now = [0.0]
+    policy = parse_policy(f"""
+version: 1
+vault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}"}}
+key_cache_ttl: 10
+key_cache_stale_ttl: 60
+endpoints: []
+keys: {{latest: {{vault: {{path: secret/data/keycourier/payroll}}}}}}
+rules: []
+""")
+    secrets = Secrets()
+    secrets.cache.clock = lambda: now[0]
+    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    now[0] = 30  # expired, within the stale grace
+    vault.set_down(True)
+    try:
+        assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+        now[0] = 71  # past ttl + stale grace: fail closed
+        with pytest.raises(KeyUnavailable, match="unreachable"):
+            secrets.key(policy, policy.keys["latest"])
+    finally:
+        vault.set_down(False)
