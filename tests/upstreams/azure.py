@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import ssl
 import threading
 import traceback
 import uuid
@@ -28,7 +27,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 import trustme
@@ -38,7 +36,11 @@ from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob._shared_access_signature import BlobSharedAccessSignature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.upstreams.s3 import ReceivedRequest, _b64decode, _http_date, _now, _parse_query, _seal, _unseal
+# ReceivedRequest is re-exported: part of this module's API.
+from tests.upstreams.common import (CallParameters, ReceivedRequest, Response, ServiceError,
+                                    b64decode_or_none, http_date, parse_query, seal, unseal,
+                                    utc_now, xml_element)
+from tests.upstreams.server import StorageHandler, StorageUpstream
 
 _MAX_CLOCK_SKEW = dt.timedelta(minutes=15)
 _ACCOUNT_HOST_SUFFIX = ".blob.core.windows.net"
@@ -57,15 +59,8 @@ _MAX_BLOCK_ID_BYTES = 64
 
 # --- errors ---------------------------------------------------------------------------
 
-class AzureError(Exception):
+class AzureError(ServiceError):
     """An Azure Storage error response: status, x-ms-error-code and message."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, str] | None = None):
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
 
 
 def _authentication_failed(detail: str) -> AzureError:
@@ -125,11 +120,11 @@ def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | 
             raise _missing_header(name)
     if algorithm != "AES256":
         raise _invalid_header(names[2], algorithm)
-    key = _b64decode(key_text)
+    key = b64decode_or_none(key_text)
     if key is None or len(key) != 32:
         raise _invalid_header(names[0], key_text)
     digest = hashlib.sha256(key).digest()
-    if _b64decode(sha_text) != digest:
+    if b64decode_or_none(sha_text) != digest:
         raise _invalid_header(names[1], sha_text)
     return CustomerKey(key, base64.b64encode(digest).decode())
 
@@ -216,7 +211,7 @@ def _authenticate(incoming: _Incoming, account: str, accounts: dict[str, str], n
         raise _authentication_failed(f"The account {claimed_account} does not match the request.")
     signed_at = _request_time(incoming.headers)
     if abs(now - signed_at) > _MAX_CLOCK_SKEW:
-        raise _authentication_failed(f"Request date header too old: '{_http_date(signed_at)}'")
+        raise _authentication_failed(f"Request date header too old: '{http_date(signed_at)}'")
     scheme_name = "https" if incoming.secure else "http"
     url = f"{scheme_name}://{incoming.headers.get('Host', '127.0.0.1')}{incoming.raw_path}"
     if incoming.raw_query:
@@ -249,7 +244,7 @@ def blob_sas_signature(account: str, account_key: str, container: str, blob: str
         content_disposition=params.get("rscd"), content_encoding=params.get("rsce"),
         content_language=params.get("rscl"), content_type=params.get("rsct"),
         encryption_scope=params.get("ses"))
-    return dict(_parse_query(token))["sig"]
+    return dict(parse_query(token))["sig"]
 
 
 def _parse_sas_time(text: str) -> dt.datetime:
@@ -342,16 +337,16 @@ class _Store:
             containers = self.accounts[account].containers
             if name in containers:
                 return False
-            containers[name] = _Container(name, _now(), _new_etag())
+            containers[name] = _Container(name, utc_now(), _new_etag())
             return True
 
     def seal(self, customer_key: CustomerKey | None, data: bytes) -> bytes:
-        return _seal(customer_key.key if customer_key else self._server_key, data)
+        return seal(customer_key.key if customer_key else self._server_key, data)
 
     def unseal(self, customer_key: CustomerKey | None, sealed: bytes) -> bytes:
-        return _unseal(customer_key.key if customer_key else self._server_key, sealed)
+        return unseal(customer_key.key if customer_key else self._server_key, sealed)
 
-    def handle(self, incoming: _Incoming, read_body) -> _Response:
+    def handle(self, incoming: _Incoming, read_body) -> Response:
         account, container, blob = _address(incoming.headers.get("Host", ""), incoming.raw_path)
         if account not in self.accounts:
             raise AzureError(400, "InvalidUri", "The requested URI does not represent any resource on "
@@ -384,13 +379,6 @@ class _Incoming:
     secure: bool
 
 
-@dataclass
-class _Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-
-
 def _address(host: str, raw_path: str) -> tuple[str, str | None, str | None]:
     """(account, container, blob) from an account host name or an Azurite-style path."""
     hostname = host.rpartition(":")[0] or host
@@ -403,21 +391,13 @@ def _address(host: str, raw_path: str) -> tuple[str, str | None, str | None]:
     return account, container or None, blob or None
 
 
-def _element(tag: str, text: str | int | None = None, *children: ET.Element) -> ET.Element:
-    element = ET.Element(tag)
-    if text is not None:
-        element.text = str(text)
-    element.extend(children)
-    return element
-
-
-def _error_response(error: AzureError, request_id: str) -> _Response:
-    message = f"{error.message}\nRequestId:{request_id}\nTime:{_now().strftime('%Y-%m-%dT%H:%M:%S.0000000Z')}"
-    root = _element("Error", None, _element("Code", error.code), _element("Message", message))
-    root.extend(_element(name, value) for name, value in error.details.items())
+def _error_response(error: AzureError, request_id: str) -> Response:
+    message = f"{error.message}\nRequestId:{request_id}\nTime:{utc_now().strftime('%Y-%m-%dT%H:%M:%S.0000000Z')}"
+    root = xml_element("Error", None, xml_element("Code", error.code), xml_element("Message", message))
+    root.extend(xml_element(name, value) for name, value in error.details.items())
     body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return _Response(error.status, [("Content-Type", "application/xml"),
-                                    ("x-ms-error-code", error.code)], body)
+    return Response(error.status, [("Content-Type", "application/xml"),
+                                   ("x-ms-error-code", error.code)], body)
 
 
 _UNSUPPORTED_CONDITIONS = ("If-Modified-Since", "If-Unmodified-Since", "x-ms-if-tags", "x-ms-lease-id")
@@ -434,11 +414,11 @@ def _condition_not_met(status: int) -> AzureError:
 
 
 def _validators(etag: str, last_modified: dt.datetime) -> list[tuple[str, str]]:
-    return [("ETag", etag), ("Last-Modified", _http_date(last_modified))]
+    return [("ETag", etag), ("Last-Modified", http_date(last_modified))]
 
 
 @dataclass
-class _Call:
+class _Call(CallParameters):
     """One authenticated request, routed to an operation."""
 
     store: _Store
@@ -447,13 +427,6 @@ class _Call:
     container_name: str | None
     blob_name: str | None
     body: bytes
-
-    @property
-    def params(self) -> dict[str, str]:
-        return dict(self.incoming.query)
-
-    def header(self, name: str) -> str | None:
-        return self.incoming.headers.get(name)
 
     def container(self, name: str | None = None) -> _Container:
         container = self.account.containers.get(name or self.container_name)
@@ -478,7 +451,7 @@ class _Call:
         authorization.
         """
         url = urlsplit(self.header("x-ms-copy-source"))
-        query = _parse_query(url.query)
+        query = parse_query(url.query)
         account, container, blob = _address(url.netloc, url.path)
         source_account = self.store.accounts.get(account)
         if source_account is None or not container or not blob:
@@ -531,7 +504,7 @@ class _Call:
 
     def check_content_md5(self) -> None:
         claimed = self.header("Content-MD5")
-        if claimed is not None and _b64decode(claimed) != hashlib.md5(self.body).digest():
+        if claimed is not None and b64decode_or_none(claimed) != hashlib.md5(self.body).digest():
             raise AzureError(400, "Md5Mismatch", "The MD5 value specified in the request did not match "
                              "with the MD5 value calculated by the server.")
 
@@ -556,7 +529,7 @@ class _Call:
         blob = StoredBlob(
             data_on_disk=self.store.seal(customer_key, data),
             encryption_key_sha256=customer_key.sha256 if customer_key else None,
-            size=len(data), blob_type=blob_type, etag=_new_etag(), last_modified=_now(),
+            size=len(data), blob_type=blob_type, etag=_new_etag(), last_modified=utc_now(),
             metadata=self.metadata() if metadata is None else metadata,
             content_headers=self.content_headers() if content_headers is None else content_headers,
             committed_blocks=committed_blocks)
@@ -567,21 +540,21 @@ class _Call:
             container.staged.pop(self.blob_name, None)
         return blob
 
-    def written(self, blob: StoredBlob) -> _Response:
-        return _Response(201, [*_validators(blob.etag, blob.last_modified),
-                               *_cpk_headers(blob.encryption_key_sha256, write=True)])
+    def written(self, blob: StoredBlob) -> Response:
+        return Response(201, [*_validators(blob.etag, blob.last_modified),
+                              *_cpk_headers(blob.encryption_key_sha256, write=True)])
 
 
 # --- operations -----------------------------------------------------------------------
 
-def _create_container(call: _Call) -> _Response:
+def _create_container(call: _Call) -> Response:
     if not call.store.add_container(call.account.name, call.container_name):
         raise AzureError(409, "ContainerAlreadyExists", "The specified container already exists.")
     container = call.container()
-    return _Response(201, _validators(container.etag, container.created))
+    return Response(201, _validators(container.etag, container.created))
 
 
-def _list_blobs(call: _Call) -> _Response:
+def _list_blobs(call: _Call) -> Response:
     container = call.container()
     prefix = call.params.get("prefix", "")
     marker = call.params.get("marker", "")  # the first name of the page, as our NextMarker gives it
@@ -597,32 +570,32 @@ def _list_blobs(call: _Call) -> _Response:
     items = []
     for name, blob in page:
         content = dict(blob.content_headers)
-        properties = _element(
+        properties = xml_element(
             "Properties", None,
-            _element("Creation-Time", _http_date(blob.last_modified)),
-            _element("Last-Modified", _http_date(blob.last_modified)),
-            _element("Etag", blob.etag),
-            _element("Content-Length", blob.size),
-            _element("Content-Type", content.get("Content-Type", "")),
-            _element("BlobType", blob.blob_type),
-            _element("LeaseStatus", "unlocked"),
-            _element("LeaseState", "available"),
-            _element("ServerEncrypted", "true"))
+            xml_element("Creation-Time", http_date(blob.last_modified)),
+            xml_element("Last-Modified", http_date(blob.last_modified)),
+            xml_element("Etag", blob.etag),
+            xml_element("Content-Length", blob.size),
+            xml_element("Content-Type", content.get("Content-Type", "")),
+            xml_element("BlobType", blob.blob_type),
+            xml_element("LeaseStatus", "unlocked"),
+            xml_element("LeaseState", "available"),
+            xml_element("ServerEncrypted", "true"))
         if blob.encryption_key_sha256 is not None:
-            properties.append(_element("CustomerProvidedKeySha256", blob.encryption_key_sha256))
-        items.append(_element("Blob", None, _element("Name", name), properties))
-    root = _element("EnumerationResults", None, _element("Prefix", prefix), _element("Marker", marker),
-                    _element("MaxResults", max_results), _element("Blobs", None, *items),
-                    _element("NextMarker", rest[0][0] if rest else None))
+            properties.append(xml_element("CustomerProvidedKeySha256", blob.encryption_key_sha256))
+        items.append(xml_element("Blob", None, xml_element("Name", name), properties))
+    root = xml_element("EnumerationResults", None, xml_element("Prefix", prefix), xml_element("Marker", marker),
+                       xml_element("MaxResults", max_results), xml_element("Blobs", None, *items),
+                       xml_element("NextMarker", rest[0][0] if rest else None))
     host = call.header("Host") or ""
     account_path = "" if host.endswith(_ACCOUNT_HOST_SUFFIX) else call.account.name
     root.set("ServiceEndpoint", f"{'https' if call.incoming.secure else 'http'}://{host}/{account_path}")
     root.set("ContainerName", container.name)
     body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return _Response(200, [("Content-Type", "application/xml")], body)
+    return Response(200, [("Content-Type", "application/xml")], body)
 
 
-def _put_blob(call: _Call) -> _Response:
+def _put_blob(call: _Call) -> Response:
     """Put Blob, or one of the three operations that share its shape but name a source blob."""
     if call.header("x-ms-copy-source") is not None:
         if (call.header("x-ms-requires-sync") or "").lower() == "true":
@@ -652,14 +625,14 @@ def _require_block_blob(call: _Call) -> None:
         raise _not_implemented(f"{blob_type} blobs")
 
 
-def _put_blob_from_url(call: _Call) -> _Response:
+def _put_blob_from_url(call: _Call) -> Response:
     _require_block_blob(call)
     source, source_key = call.copy_source(by_url=True)
     data = call.store.unseal(source_key, source.data_on_disk)
     return call.written(call.save(data, call.customer_key(), blob_type="BlockBlob"))
 
 
-def _copy_blob(call: _Call, *, by_url: bool) -> _Response:
+def _copy_blob(call: _Call, *, by_url: bool) -> Response:
     """Copy Blob (completing before it answers) or Copy Blob From URL: neither takes a CPK."""
     call.refuse_keys(_CPK, _SOURCE_CPK)
     source, _ = call.copy_source(by_url=by_url)
@@ -667,11 +640,11 @@ def _copy_blob(call: _Call, *, by_url: bool) -> _Response:
     metadata = call.metadata() or source.metadata
     blob = call.save(data, None, blob_type=source.blob_type, metadata=metadata,
                      content_headers=source.content_headers)
-    return _Response(202, [*_validators(blob.etag, blob.last_modified),
-                           ("x-ms-copy-id", str(uuid.uuid4())), ("x-ms-copy-status", "success")])
+    return Response(202, [*_validators(blob.etag, blob.last_modified),
+                          ("x-ms-copy-id", str(uuid.uuid4())), ("x-ms-copy-status", "success")])
 
 
-def _put_block(call: _Call) -> _Response:
+def _put_block(call: _Call) -> Response:
     """Put Block, or Put Block From URL when x-ms-copy-source names the data."""
     if call.header("x-ms-copy-source") is not None:
         source, source_key = call.copy_source(by_url=True)
@@ -685,7 +658,7 @@ def _put_block(call: _Call) -> _Response:
         call.check_content_md5()
         data = call.body
     block_id = call.params.get("blockid", "")
-    raw_id = _b64decode(block_id)
+    raw_id = b64decode_or_none(block_id)
     if raw_id is None or not raw_id or len(raw_id) > _MAX_BLOCK_ID_BYTES:
         raise AzureError(400, "InvalidQueryParameterValue", "Value for one of the query parameters "
                          "specified in the request URI is invalid.", {"QueryParameterName": "blockid",
@@ -703,10 +676,10 @@ def _put_block(call: _Call) -> _Response:
     block = _Block(call.store.seal(customer_key, data), customer_key.sha256 if customer_key else None)
     with call.store.lock:
         staged[block_id] = block
-    return _Response(201, [("Content-MD5", _md5_b64(data)), *_cpk_headers(block.key_sha256, write=True)])
+    return Response(201, [("Content-MD5", _md5_b64(data)), *_cpk_headers(block.key_sha256, write=True)])
 
 
-def _put_block_list(call: _Call) -> _Response:
+def _put_block_list(call: _Call) -> Response:
     call.refuse_source_key()
     container = call.container()
     customer_key = call.customer_key()
@@ -740,13 +713,13 @@ def _put_block_list(call: _Call) -> _Response:
 
 def _blob_properties_headers(blob: StoredBlob) -> list[tuple[str, str]]:
     return [*_validators(blob.etag, blob.last_modified), ("x-ms-blob-type", blob.blob_type),
-            ("x-ms-creation-time", _http_date(blob.last_modified)),
+            ("x-ms-creation-time", http_date(blob.last_modified)),
             ("x-ms-lease-status", "unlocked"), ("x-ms-lease-state", "available"),
             *blob.content_headers, *((f"x-ms-meta-{name}", value) for name, value in blob.metadata.items()),
             *_cpk_headers(blob.encryption_key_sha256, write=False)]
 
 
-def _get_blob(call: _Call) -> _Response:
+def _get_blob(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
     customer_key = call.customer_key()
@@ -764,7 +737,7 @@ def _get_blob(call: _Call) -> _Response:
     headers.append(("Content-Length", str(len(body))))
     if status == 200 or call.header("x-ms-range-get-content-md5") == "true":
         headers.append(("Content-MD5", _md5_b64(body)))
-    return _Response(status, headers, body)
+    return Response(status, headers, body)
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -781,44 +754,44 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, min(int(match[2]), size - 1) if match[2] else size - 1
 
 
-def _get_blob_properties(call: _Call) -> _Response:
+def _get_blob_properties(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
     _check_key(blob.encryption_key_sha256, call.customer_key())
     call.check_conditions(blob, write=False)
-    return _Response(200, [*_blob_properties_headers(blob), ("Content-Length", str(blob.size))])
+    return Response(200, [*_blob_properties_headers(blob), ("Content-Length", str(blob.size))])
 
 
-def _get_blob_metadata(call: _Call) -> _Response:
+def _get_blob_metadata(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
     _check_key(blob.encryption_key_sha256, call.customer_key())
     call.check_conditions(blob, write=False)
-    return _Response(200, [*_validators(blob.etag, blob.last_modified),
-                           *((f"x-ms-meta-{name}", value) for name, value in blob.metadata.items()),
-                           *_cpk_headers(blob.encryption_key_sha256, write=False)])
+    return Response(200, [*_validators(blob.etag, blob.last_modified),
+                          *((f"x-ms-meta-{name}", value) for name, value in blob.metadata.items()),
+                          *_cpk_headers(blob.encryption_key_sha256, write=False)])
 
 
-def _set_blob_metadata(call: _Call) -> _Response:
+def _set_blob_metadata(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
     _check_key(blob.encryption_key_sha256, call.customer_key())
     call.check_conditions(blob, write=True)
-    updated = dataclasses.replace(blob, metadata=call.metadata(), etag=_new_etag(), last_modified=_now())
+    updated = dataclasses.replace(blob, metadata=call.metadata(), etag=_new_etag(), last_modified=utc_now())
     container = call.container()
     with call.store.lock:
         container.blobs[call.blob_name] = updated
-    return _Response(200, [*_validators(updated.etag, updated.last_modified),
-                           *_cpk_headers(updated.encryption_key_sha256, write=True)])
+    return Response(200, [*_validators(updated.etag, updated.last_modified),
+                          *_cpk_headers(updated.encryption_key_sha256, write=True)])
 
 
-def _delete_blob(call: _Call) -> _Response:
+def _delete_blob(call: _Call) -> Response:
     call.check_conditions(call.blob(), write=True)
     container = call.container()
     with call.store.lock:
         container.blobs.pop(call.blob_name, None)
         container.staged.pop(call.blob_name, None)
-    return _Response(202, [("x-ms-delete-type-permanent", "true")])
+    return Response(202, [("x-ms-delete-type-permanent", "true")])
 
 
 _OPERATIONS = {
@@ -838,33 +811,12 @@ _OPERATIONS = {
 
 # --- HTTP -----------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(StorageHandler):
     server_version = "Windows-Azure-Blob/1.0"
-    sys_version = ""
-    timeout = 120
-
-    def version_string(self):
-        return self.server_version
-
-    def handle(self):
-        if isinstance(self.connection, ssl.SSLSocket):
-            try:
-                self.connection.do_handshake()
-            except (ssl.SSLError, OSError):
-                return  # e.g. a client that does not trust the CA: nothing to serve
-        super().handle()
-
-    def log_message(self, format, *args):
-        pass
 
     def _serve(self):
-        upstream: AzureBlobUpstream = self.server.upstream
-        raw_path, _, raw_query = self.path.partition("?")
-        query = _parse_query(raw_query)
-        record = ReceivedRequest(self.command, raw_path, query, list(self.headers.items()))
-        upstream.requests.append(record)
-        self._body_consumed = False
+        upstream: AzureBlobUpstream = self.server.owner
+        raw_path, raw_query, query, record = self.receive()
         request_id = str(uuid.uuid4())
         incoming = _Incoming(self.command, raw_path, raw_query, query, self.headers, upstream.tls)
         try:
@@ -894,86 +846,30 @@ class _Handler(BaseHTTPRequestHandler):
             raise AzureError(400, "InvalidInput", "One of the request inputs is not valid.")
         return body
 
-    def _send(self, response: _Response, request_id: str):
-        if not self._body_consumed and (self.headers.get("Transfer-Encoding") is not None
-                                        or self.headers.get("Content-Length", "0") != "0"):
+    def _send(self, response: Response, request_id: str):
+        if self.body_left_unread():
             # The client may still send a body we did not read: this connection cannot be reused.
-            self.close_connection = True
-            response.headers.append(("Connection", "close"))
-        self.send_response(response.status)
-        self.send_header("x-ms-request-id", request_id)
-        version = self.headers.get("x-ms-version")
-        if version is not None:
-            self.send_header("x-ms-version", version)
-        client_request_id = self.headers.get("x-ms-client-request-id")
-        if client_request_id is not None:
-            self.send_header("x-ms-client-request-id", client_request_id)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if response.status != 304 and not any(name.lower() == "content-length" for name, _ in response.headers):
-            self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+            self.close_after_response(response.headers)
+        headers = [("x-ms-request-id", request_id)]
+        for echoed in ("x-ms-version", "x-ms-client-request-id"):
+            value = self.headers.get(echoed)
+            if value is not None:
+                headers.append((echoed, value))
+        self.write_response(response.status, [*headers, *response.headers], response.body,
+                            without_length=(304,))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, upstream: AzureBlobUpstream, ssl_context: ssl.SSLContext | None):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.upstream = upstream
-        if ssl_context is not None:
-            # The handshake happens in the connection's own thread (see _Handler.handle).
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-
-
-class AzureBlobUpstream:
+class AzureBlobUpstream(StorageUpstream):
     """A strict Azure Blob Storage server on 127.0.0.1, for driving real Azure clients in tests."""
 
+    handler = _Handler
+    thread_name = "azure-upstream"
+    # Also valid for account host names, so a client (or proxy) can verify it by SNI.
+    extra_hostnames = ("*" + _ACCOUNT_HOST_SUFFIX,)
+
     def __init__(self, ca: trustme.CA | None, accounts: dict[str, str], *, tls: bool = True):
-        if tls and ca is None:
-            raise ValueError("TLS needs a trustme.CA to issue the server certificate")
-        self._ca = ca
-        self.tls = tls
+        super().__init__(ca, tls=tls)
         self._store = _Store(dict(accounts))
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.requests: list[ReceivedRequest] = []
-        self.internal_errors: list[str] = []  # tracebacks of requests answered with 500
-
-    def start(self) -> AzureBlobUpstream:
-        context = None
-        if self.tls:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            # Also valid for account host names, so a client (or proxy) can verify it by SNI.
-            self._ca.issue_cert("127.0.0.1", "localhost", "*" + _ACCOUNT_HOST_SUFFIX).configure_cert(context)
-        self._server = _Server(self, context)
-        # A short poll interval keeps stop() quick.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="azure-upstream", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> AzureBlobUpstream:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def blob_url(self, account: str, container: str = "", blob: str = "") -> str:
         """An Azurite-style URL: the account is the first path segment."""
@@ -988,6 +884,3 @@ class AzureBlobUpstream:
             holder = self._store.accounts[account].containers[container]
             staged = tuple(holder.staged.get(blob, {}))
             return dataclasses.replace(holder.blobs[blob], uncommitted_blocks=staged)
-
-    def clear_requests(self) -> None:
-        self.requests.clear()

@@ -16,9 +16,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import re
 import secrets
-import ssl
 import threading
 import traceback
 import uuid
@@ -27,27 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 import oss2
 import trustme
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.upstreams.s3 import (
-    ReceivedRequest,
-    _child_text,
-    _children,
-    _element,
-    _http_date,
-    _is_virtual_hosted,
-    _iso_date,
-    _now,
-    _parse_query,
-    _reflected_crc,
-    _seal,
-    _unseal,
-)
+# ReceivedRequest is re-exported: part of this module's API.
+from tests.upstreams.common import (CallParameters, ReceivedRequest, Response, ServiceError,
+                                    bucket_and_key, http_date, iso_date, parse_xml, reflected_crc,
+                                    seal, unseal, utc_now, xml_child_text, xml_children,
+                                    xml_element, xml_response)
+from tests.upstreams.server import StorageHandler, StorageUpstream
 
 __all__ = ["OssError", "OssUpstream", "ReceivedRequest", "StoredObject", "crc64ecma"]
 
@@ -73,7 +62,7 @@ _STORED_CONTENT_HEADERS = ("Cache-Control", "Content-Disposition", "Content-Enco
 
 # CRC-64/ECMA-182 as OSS reports it (x-oss-hash-crc64ecma): the reflected form, all-ones
 # init and final XOR, printed as an unsigned decimal.
-_crc64_bytes = _reflected_crc(0xC96C5795D7870F42, 64)
+_crc64_bytes = reflected_crc(0xC96C5795D7870F42, 64)
 
 
 def crc64ecma(data: bytes) -> int:
@@ -82,15 +71,8 @@ def crc64ecma(data: bytes) -> int:
 
 # --- errors ---------------------------------------------------------------------------
 
-class OssError(Exception):
+class OssError(ServiceError):
     """An OSS error response: status, code, message and any extra <Error> elements."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, str] | None = None):
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
 
 
 def _invalid_argument(message: str, name: str | None = None, value: str | None = None) -> OssError:
@@ -355,14 +337,14 @@ class _Store:
         with self.lock:
             if name in self.buckets:
                 return False
-            self.buckets[name] = _Bucket(name, _now())
+            self.buckets[name] = _Bucket(name, utc_now())
             return True
 
     def seal(self, data: bytes) -> bytes:
-        return _seal(self._server_key, data)
+        return seal(self._server_key, data)
 
     def unseal_segments(self, segments: list[bytes]) -> bytes:
-        return b"".join(_unseal(self._server_key, segment) for segment in segments)
+        return b"".join(unseal(self._server_key, segment) for segment in segments)
 
     def plaintext(self, obj: StoredObject) -> bytes:
         segments, offset = [], 0
@@ -379,9 +361,9 @@ class _Store:
             server_side_encryption=encryption.algorithm, kms_key_id=encryption.kms_key_id,
             size=len(data), etag=_etag(hashlib.md5(data).digest()), crc64=crc64ecma(data),
             object_type="Normal", metadata=metadata, content_type=content_type,
-            content_headers=content_headers, last_modified=_now())
+            content_headers=content_headers, last_modified=utc_now())
 
-    def handle(self, incoming: _Incoming, read_body: Callable[[], bytes]) -> _Response:
+    def handle(self, incoming: _Incoming, read_body: Callable[[], bytes]) -> Response:
         bucket, key = _address(incoming)
         _authenticate(incoming, bucket, key, self.credentials, self.region, dt.datetime.now(dt.UTC))
         level = "object" if key else "bucket" if bucket else "service"
@@ -422,43 +404,15 @@ class _Incoming:
     headers: Message
 
 
-@dataclass
-class _Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-
-
 def _address(incoming: _Incoming) -> tuple[str | None, str | None]:
     """(bucket, key): path style for IP or localhost endpoints (as oss2 sends), else virtual-hosted."""
-    host = incoming.headers.get("Host", "")
-    hostname = host if host.startswith("[") else host.rpartition(":")[0] or host
-    path = unquote(incoming.raw_path)[1:]
-    if _is_virtual_hosted(hostname):
-        return hostname.split(".")[0], path or None
-    bucket, _, key = path.partition("/")
-    return bucket or None, key or None
-
-
-def _xml_response(root: ET.Element, headers: list[tuple[str, str]] | None = None) -> _Response:
-    body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return _Response(200, [("Content-Type", "application/xml"), *(headers or [])], body)
-
-
-def _parse_xml(data: bytes, root_tag: str) -> ET.Element:
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError:
-        raise _malformed_xml() from None
-    if root.tag.rpartition("}")[2] != root_tag:
-        raise _malformed_xml()
-    return root
+    return bucket_and_key(incoming.headers.get("Host", ""), incoming.raw_path)
 
 
 def _error_body(error: OssError, request_id: str, host: str) -> bytes:
-    root = _element("Error", None, _element("Code", error.code), _element("Message", error.message),
-                    _element("RequestId", request_id), _element("HostId", host))
-    root.extend(_element(name, value) for name, value in error.details.items())
+    root = xml_element("Error", None, xml_element("Code", error.code), xml_element("Message", error.message),
+                       xml_element("RequestId", request_id), xml_element("HostId", host))
+    root.extend(xml_element(name, value) for name, value in error.details.items())
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
@@ -472,7 +426,7 @@ def _content_headers(headers: Message) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass
-class _Call:
+class _Call(CallParameters):
     """One authenticated request, routed to an operation."""
 
     store: _Store
@@ -480,13 +434,6 @@ class _Call:
     bucket_name: str | None
     key: str | None
     body: bytes
-
-    @property
-    def params(self) -> dict[str, str]:
-        return dict(self.incoming.query)
-
-    def header(self, name: str) -> str | None:
-        return self.incoming.headers.get(name)
 
     def bucket(self, name: str | None = None) -> _Bucket:
         name = name or self.bucket_name
@@ -540,23 +487,23 @@ class _Call:
 # --- operations -----------------------------------------------------------------------
 
 def _object_headers(obj: StoredObject) -> list[tuple[str, str]]:
-    return [("ETag", obj.etag), ("Last-Modified", _http_date(obj.last_modified)),
+    return [("ETag", obj.etag), ("Last-Modified", http_date(obj.last_modified)),
             ("x-oss-object-type", obj.object_type), ("x-oss-storage-class", "Standard"),
             ("x-oss-hash-crc64ecma", str(obj.crc64)),
             *_Encryption(obj.server_side_encryption, obj.kms_key_id).headers()]
 
 
-def _put_bucket(call: _Call) -> _Response:
+def _put_bucket(call: _Call) -> Response:
     if call.body:
-        _parse_xml(call.body, "CreateBucketConfiguration")
+        parse_xml(call.body, "CreateBucketConfiguration", _malformed_xml)
     if not call.store.add_bucket(call.bucket_name):
         raise OssError(409, "BucketAlreadyExists", "The requested bucket name is not available. "
                        "The bucket namespace is shared by all users of the system. Please select "
                        "a different name and try again.", {"BucketName": call.bucket_name})
-    return _Response(200, [("Location", f"/{call.bucket_name}")])
+    return Response(200, [("Location", f"/{call.bucket_name}")])
 
 
-def _list_objects(call: _Call) -> _Response:
+def _list_objects(call: _Call) -> Response:
     bucket = call.bucket()
     params = call.params
     prefix, marker, delimiter = params.get("prefix", ""), params.get("marker", ""), params.get("delimiter", "")
@@ -580,23 +527,23 @@ def _list_objects(call: _Call) -> _Response:
             entries.append((common, None))
     page = entries[:max_keys]
     truncated = len(entries) > max_keys
-    root = _element("ListBucketResult", None, _element("Name", bucket.name), _element("Prefix", prefix),
-                    _element("Marker", marker), _element("MaxKeys", max_keys),
-                    _element("Delimiter", delimiter), _element("IsTruncated", str(truncated).lower()))
+    root = xml_element("ListBucketResult", None, xml_element("Name", bucket.name), xml_element("Prefix", prefix),
+                       xml_element("Marker", marker), xml_element("MaxKeys", max_keys),
+                       xml_element("Delimiter", delimiter), xml_element("IsTruncated", str(truncated).lower()))
     if truncated:
-        root.append(_element("NextMarker", page[-1][0]))
+        root.append(xml_element("NextMarker", page[-1][0]))
     for name, obj in page:
         if obj is None:
-            root.append(_element("CommonPrefixes", None, _element("Prefix", name)))
+            root.append(xml_element("CommonPrefixes", None, xml_element("Prefix", name)))
         else:
-            root.append(_element("Contents", None, _element("Key", name),
-                                 _element("LastModified", _iso_date(obj.last_modified)),
-                                 _element("ETag", obj.etag), _element("Type", obj.object_type),
-                                 _element("Size", obj.size), _element("StorageClass", "Standard")))
-    return _xml_response(root)
+            root.append(xml_element("Contents", None, xml_element("Key", name),
+                                    xml_element("LastModified", iso_date(obj.last_modified)),
+                                    xml_element("ETag", obj.etag), xml_element("Type", obj.object_type),
+                                    xml_element("Size", obj.size), xml_element("StorageClass", "Standard")))
+    return xml_response(root)
 
 
-def _put_object(call: _Call) -> _Response:
+def _put_object(call: _Call) -> Response:
     if call.header("x-oss-copy-source") is not None:
         return _copy_object(call)
     bucket = call.bucket()
@@ -606,12 +553,12 @@ def _put_object(call: _Call) -> _Response:
                                 content_headers=_content_headers(call.incoming.headers))
     with call.store.lock:
         bucket.objects[call.key] = obj
-    return _Response(200, [("ETag", obj.etag), ("x-oss-hash-crc64ecma", str(obj.crc64)),
-                           ("Content-MD5", base64.b64encode(hashlib.md5(call.body).digest()).decode()),
-                           *_Encryption(obj.server_side_encryption, obj.kms_key_id).headers()])
+    return Response(200, [("ETag", obj.etag), ("x-oss-hash-crc64ecma", str(obj.crc64)),
+                          ("Content-MD5", base64.b64encode(hashlib.md5(call.body).digest()).decode()),
+                          *_Encryption(obj.server_side_encryption, obj.kms_key_id).headers()])
 
 
-def _copy_object(call: _Call) -> _Response:
+def _copy_object(call: _Call) -> Response:
     bucket = call.bucket()
     encryption = call.requested_encryption()
     source_bucket, _, source_key = unquote(call.header("x-oss-copy-source")).lstrip("/").partition("/")
@@ -636,21 +583,21 @@ def _copy_object(call: _Call) -> _Response:
                                 content_type=content_type, content_headers=content_headers)
     with call.store.lock:
         bucket.objects[call.key] = obj
-    return _xml_response(
-        _element("CopyObjectResult", None, _element("ETag", obj.etag),
-                 _element("LastModified", _iso_date(obj.last_modified))),
+    return xml_response(
+        xml_element("CopyObjectResult", None, xml_element("ETag", obj.etag),
+                    xml_element("LastModified", iso_date(obj.last_modified))),
         [("ETag", obj.etag), ("x-oss-hash-crc64ecma", str(obj.crc64)), *encryption.headers()])
 
 
-def _get_object(call: _Call) -> _Response:
+def _get_object(call: _Call) -> Response:
     return _object_response(call, include_body=True)
 
 
-def _head_object(call: _Call) -> _Response:
+def _head_object(call: _Call) -> Response:
     return _object_response(call, include_body=False)
 
 
-def _object_response(call: _Call, include_body: bool) -> _Response:
+def _object_response(call: _Call, include_body: bool) -> Response:
     obj = call.object()
     headers = [*_object_headers(obj), ("Content-Type", obj.content_type), ("Accept-Ranges", "bytes"),
                *obj.content_headers, *((f"x-oss-meta-{name}", value) for name, value in obj.metadata.items())]
@@ -665,7 +612,7 @@ def _object_response(call: _Call, include_body: bool) -> _Response:
         headers.append(("Content-Range", f"bytes {first}-{last}/{obj.size}"))
     headers.append(("Content-Length", str(last - first + 1)))
     body = call.store.plaintext(obj)[first:last + 1] if include_body else b""
-    return _Response(status, headers, body)
+    return Response(status, headers, body)
 
 
 def _byte_range(header: str | None, size: int, *, standard: bool) -> tuple[int, int] | None:
@@ -703,20 +650,20 @@ def _byte_range(header: str | None, size: int, *, standard: bool) -> tuple[int, 
     return first, last
 
 
-def _get_object_meta(call: _Call) -> _Response:
+def _get_object_meta(call: _Call) -> Response:
     obj = call.object()
-    return _Response(200, [("ETag", obj.etag), ("Last-Modified", _http_date(obj.last_modified)),
-                           ("Content-Length", str(obj.size)), ("x-oss-hash-crc64ecma", str(obj.crc64))])
+    return Response(200, [("ETag", obj.etag), ("Last-Modified", http_date(obj.last_modified)),
+                          ("Content-Length", str(obj.size)), ("x-oss-hash-crc64ecma", str(obj.crc64))])
 
 
-def _delete_object(call: _Call) -> _Response:
+def _delete_object(call: _Call) -> Response:
     bucket = call.bucket()
     with call.store.lock:
         bucket.objects.pop(call.key, None)
-    return _Response(204)
+    return Response(204)
 
 
-def _append_object(call: _Call) -> _Response:
+def _append_object(call: _Call) -> Response:
     bucket = call.bucket()
     position_text = call.params.get("position")
     if position_text is None or not position_text.isdigit():
@@ -754,13 +701,13 @@ def _append_object(call: _Call) -> _Response:
             server_side_encryption=encryption.algorithm, kms_key_id=encryption.kms_key_id,
             size=len(data), etag=_etag(hashlib.md5(data).digest()), crc64=crc64ecma(data),
             object_type="Appendable", metadata=metadata, content_type=content_type,
-            content_headers=content_headers, last_modified=_now())
+            content_headers=content_headers, last_modified=utc_now())
         bucket.objects[call.key] = obj
-    return _Response(200, [("ETag", obj.etag), ("x-oss-next-append-position", str(obj.size)),
-                           ("x-oss-hash-crc64ecma", str(obj.crc64)), *encryption.headers()])
+    return Response(200, [("ETag", obj.etag), ("x-oss-next-append-position", str(obj.size)),
+                          ("x-oss-hash-crc64ecma", str(obj.crc64)), *encryption.headers()])
 
 
-def _initiate_multipart_upload(call: _Call) -> _Response:
+def _initiate_multipart_upload(call: _Call) -> Response:
     bucket = call.bucket()
     upload = _Upload(upload_id=secrets.token_hex(16).upper(), bucket=bucket.name, key=call.key,
                      encryption=call.requested_encryption(),
@@ -768,12 +715,12 @@ def _initiate_multipart_upload(call: _Call) -> _Response:
                      content_headers=_content_headers(call.incoming.headers))
     with call.store.lock:
         call.store.uploads[upload.upload_id] = upload
-    return _xml_response(_element("InitiateMultipartUploadResult", None, _element("Bucket", bucket.name),
-                                  _element("Key", call.key), _element("UploadId", upload.upload_id)),
-                         upload.encryption.headers())
+    return xml_response(xml_element("InitiateMultipartUploadResult", None, xml_element("Bucket", bucket.name),
+                                    xml_element("Key", call.key), xml_element("UploadId", upload.upload_id)),
+                        upload.encryption.headers())
 
 
-def _upload_part(call: _Call) -> _Response:
+def _upload_part(call: _Call) -> Response:
     upload = call.upload()
     number_text = call.params.get("partNumber", "")
     if not number_text.isdigit() or not 1 <= int(number_text) <= _MAX_PART_NUMBER:
@@ -785,18 +732,18 @@ def _upload_part(call: _Call) -> _Response:
     with call.store.lock:
         upload.parts[int(number_text)] = part
     # Parts are encrypted as the upload was initiated, and say so.
-    return _Response(200, [("ETag", part.etag), ("x-oss-hash-crc64ecma", str(part.plaintext_crc)),
-                           *upload.encryption.headers()])
+    return Response(200, [("ETag", part.etag), ("x-oss-hash-crc64ecma", str(part.plaintext_crc)),
+                          *upload.encryption.headers()])
 
 
-def _complete_multipart_upload(call: _Call) -> _Response:
+def _complete_multipart_upload(call: _Call) -> Response:
     upload = call.upload()
-    listed = _children(_parse_xml(call.body, "CompleteMultipartUpload"), "Part")
+    listed = xml_children(parse_xml(call.body, "CompleteMultipartUpload", _malformed_xml), "Part")
     if not listed:
         raise _malformed_xml()
     numbers, parts = [], []
     for entry in listed:
-        number_text, etag = _child_text(entry, "PartNumber"), _child_text(entry, "ETag")
+        number_text, etag = xml_child_text(entry, "PartNumber"), xml_child_text(entry, "ETag")
         if number_text is None or not number_text.isdigit() or etag is None:
             raise _malformed_xml()
         number = int(number_text)
@@ -822,26 +769,26 @@ def _complete_multipart_upload(call: _Call) -> _Response:
         etag=_etag(hashlib.md5(b"".join(part.md5 for part in parts)).digest(), f"-{len(parts)}"),
         # The CRC of the whole object, computed over its plaintext as a client would.
         crc64=crc64ecma(call.store.unseal_segments([part.sealed for part in parts])), object_type="Multipart", metadata=upload.metadata, content_type=upload.content_type,
-        content_headers=upload.content_headers, last_modified=_now())
+        content_headers=upload.content_headers, last_modified=utc_now())
     bucket = call.bucket()
     with call.store.lock:
         call.store.uploads.pop(upload.upload_id, None)
         bucket.objects[call.key] = obj
-    return _xml_response(
-        _element("CompleteMultipartUploadResult", None,
-                 _element("Location", f"{bucket.name}/{call.key}"), _element("Bucket", bucket.name),
-                 _element("Key", call.key), _element("ETag", obj.etag)),
+    return xml_response(
+        xml_element("CompleteMultipartUploadResult", None,
+                    xml_element("Location", f"{bucket.name}/{call.key}"), xml_element("Bucket", bucket.name),
+                    xml_element("Key", call.key), xml_element("ETag", obj.etag)),
         [("ETag", obj.etag), ("x-oss-hash-crc64ecma", str(obj.crc64)), *upload.encryption.headers()])
 
 
-def _abort_multipart_upload(call: _Call) -> _Response:
+def _abort_multipart_upload(call: _Call) -> Response:
     upload = call.upload()
     with call.store.lock:
         call.store.uploads.pop(upload.upload_id, None)
-    return _Response(204)
+    return Response(204)
 
 
-_OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], _Response]] = {
+_OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], Response]] = {
     ("PUT", "bucket", frozenset()): _put_bucket,
     ("GET", "bucket", frozenset()): _list_objects,
     ("PUT", "object", frozenset()): _put_object,
@@ -862,33 +809,12 @@ _SSE_OPERATIONS = frozenset({_put_object, _initiate_multipart_upload, _append_ob
 
 # --- HTTP -----------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(StorageHandler):
     server_version = "AliyunOSS"
-    sys_version = ""
-    timeout = 120
-
-    def version_string(self):
-        return self.server_version
-
-    def handle(self):
-        if isinstance(self.connection, ssl.SSLSocket):
-            try:
-                self.connection.do_handshake()
-            except (ssl.SSLError, OSError):
-                return  # e.g. a client that does not trust the CA: nothing to serve
-        super().handle()
-
-    def log_message(self, format, *args):
-        pass
 
     def _serve(self):
-        upstream: OssUpstream = self.server.upstream
-        raw_path, _, raw_query = self.path.partition("?")
-        query = _parse_query(raw_query)
-        record = ReceivedRequest(self.command, raw_path, query, list(self.headers.items()))
-        upstream.requests.append(record)
-        self._body_consumed = False
+        upstream: OssUpstream = self.server.owner
+        raw_path, _, query, record = self.receive()
         request_id = secrets.token_hex(12).upper()
         incoming = _Incoming(self.command, raw_path, query, self.headers)
         try:
@@ -905,14 +831,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
-    def _error_response(self, error: OssError, request_id: str) -> _Response:
+    def _error_response(self, error: OssError, request_id: str) -> Response:
         # HostId is the host the client addressed.
         body = _error_body(error, request_id, self.headers.get("Host", ""))
         headers = [("Content-Type", "application/xml")]
         if self.command == "HEAD":
             # A HEAD answer has no body, so OSS carries the error document in x-oss-err.
             headers.append(("x-oss-err", base64.b64encode(body).decode()))
-        return _Response(error.status, headers, body)
+        return Response(error.status, headers, body)
 
     def _read_body(self) -> bytes:
         self._body_consumed = True
@@ -920,7 +846,8 @@ class _Handler(BaseHTTPRequestHandler):
         if transfer_encoding is not None:
             if transfer_encoding.strip().lower() != "chunked":
                 raise _not_implemented()
-            return self._read_chunked()
+            # OSS accepts chunked transfer in place of Content-Length.
+            return self.read_http_chunked(_incomplete_body)
         length = self.headers.get("Content-Length")
         if length is None:
             if self.command == "PUT":
@@ -934,98 +861,25 @@ class _Handler(BaseHTTPRequestHandler):
             raise _incomplete_body()
         return body
 
-    def _read_chunked(self) -> bytes:
-        """Undo Transfer-Encoding: chunked, which OSS accepts in place of Content-Length."""
-        pieces = []
-        while True:
-            size_text = self.rfile.readline(1024).split(b";")[0].strip()
-            if not re.fullmatch(rb"[0-9a-fA-F]+", size_text):
-                raise _incomplete_body()
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            pieces.append(self.rfile.read(size))
-            if len(pieces[-1]) != size or self.rfile.read(2) != b"\r\n":
-                raise _incomplete_body()
-        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-            pass  # trailer fields carry nothing OSS reads
-        return b"".join(pieces)
-
-    def _send(self, response: _Response, request_id: str):
-        if not self._body_consumed and (self.headers.get("Transfer-Encoding") is not None
-                                        or self.headers.get("Content-Length", "0") != "0"):
+    def _send(self, response: Response, request_id: str):
+        if self.body_left_unread():
             # The body was never read: this connection cannot carry another request.
-            self.close_connection = True
-            response.headers.append(("Connection", "close"))
-        self.send_response(response.status)
-        self.send_header("x-oss-request-id", request_id)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if response.status != 204 and not any(name.lower() == "content-length" for name, _ in response.headers):
-            self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+            self.close_after_response(response.headers)
+        self.write_response(response.status, [("x-oss-request-id", request_id), *response.headers],
+                            response.body, without_length=(204,))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, upstream: OssUpstream, ssl_context: ssl.SSLContext | None):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.upstream = upstream
-        if ssl_context is not None:
-            # The handshake happens in the connection's own thread (see _Handler.handle).
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-
-
-class OssUpstream:
+class OssUpstream(StorageUpstream):
     """A strict Alibaba Cloud OSS server on 127.0.0.1, for driving real OSS clients in tests."""
+
+    handler = _Handler
+    thread_name = "oss-upstream"
 
     def __init__(self, ca: trustme.CA | None, credentials: dict[str, str], *,
                  region: str = "cn-hangzhou", tls: bool = True):
-        if tls and ca is None:
-            raise ValueError("TLS needs a trustme.CA to issue the server certificate")
-        self._ca = ca
+        super().__init__(ca, tls=tls)
         self.region = region
-        self.tls = tls
         self._store = _Store(dict(credentials), region)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.requests: list[ReceivedRequest] = []
-        self.internal_errors: list[str] = []  # tracebacks of requests answered with 500
-
-    def start(self) -> OssUpstream:
-        context = None
-        if self.tls:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server = _Server(self, context)
-        # A short poll interval keeps stop() quick.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="oss-upstream", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> OssUpstream:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def default_kms_key_id(self) -> str:
@@ -1039,6 +893,3 @@ class OssUpstream:
     def stored(self, bucket: str, key: str) -> StoredObject:
         with self._store.lock:
             return self._store.buckets[bucket].objects[key]
-
-    def clear_requests(self) -> None:
-        self.requests.clear()

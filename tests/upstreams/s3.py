@@ -21,7 +21,6 @@ import ipaddress
 import os
 import re
 import secrets
-import ssl
 import threading
 import traceback
 import xml.etree.ElementTree as ET
@@ -29,8 +28,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
-from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote
 
 import trustme
@@ -38,6 +35,13 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# ReceivedRequest is re-exported: part of this module's API.
+from tests.upstreams.common import (CallParameters, ReceivedRequest, Response, ServiceError,
+                                    b64decode_or_none, bucket_and_key, http_date, iso_date,
+                                    parse_xml, reflected_crc, seal, unseal, utc_now, xml_child_text,
+                                    xml_children, xml_element, xml_response)
+from tests.upstreams.server import StorageHandler, StorageUpstream
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
@@ -87,15 +91,8 @@ _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 # --- errors ---------------------------------------------------------------------------
 
-class S3Error(Exception):
+class S3Error(ServiceError):
     """An S3 error response: status, code, message and any extra <Error> elements."""
-
-    def __init__(self, status: int, code: str, message: str, details: dict[str, str] | None = None):
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
 
 
 def _invalid_argument(message: str, argument: str | None = None) -> S3Error:
@@ -139,29 +136,10 @@ def _malformed_xml() -> S3Error:
 
 # --- checksums ------------------------------------------------------------------------
 
-def _reflected_crc(polynomial: int, width: int) -> Callable[[bytes], bytes]:
-    """A table-driven reflected CRC with all-ones init and final XOR (CRC-32C, CRC-64/NVME)."""
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ polynomial if crc & 1 else crc >> 1
-        table.append(crc)
-    mask = (1 << width) - 1
-
-    def digest(data: bytes) -> bytes:
-        crc = mask
-        for byte in data:
-            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-        return (crc ^ mask).to_bytes(width // 8, "big")
-
-    return digest
-
-
 CHECKSUMS: dict[str, Callable[[bytes], bytes]] = {
     "crc32": lambda data: zlib.crc32(data).to_bytes(4, "big"),
-    "crc32c": _reflected_crc(0x82F63B78, 32),
-    "crc64nvme": _reflected_crc(0x9A6C9329AC4BC9B5, 64),
+    "crc32c": reflected_crc(0x82F63B78, 32),
+    "crc64nvme": reflected_crc(0x9A6C9329AC4BC9B5, 64),
     "sha1": lambda data: hashlib.sha1(data).digest(),
     "sha256": lambda data: hashlib.sha256(data).digest(),
 }
@@ -171,18 +149,11 @@ _CHECKSUM_XML = {"crc32": "ChecksumCRC32", "crc32c": "ChecksumCRC32C",
                  "crc64nvme": "ChecksumCRC64NVME", "sha1": "ChecksumSHA1", "sha256": "ChecksumSHA256"}
 
 
-def _b64decode(text: str) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
 def _verify_checksum(header: str, claimed: str, data: bytes) -> tuple[str, str]:
     """Check an x-amz-checksum-* value against the data; return (algorithm, base64 value)."""
     algorithm = _CHECKSUM_HEADERS[header]
     expected = CHECKSUMS[algorithm](data)
-    claimed_bytes = _b64decode(claimed)
+    claimed_bytes = b64decode_or_none(claimed)
     if claimed_bytes is None or len(claimed_bytes) != len(expected):
         raise _invalid_request(f"Value for {header} header is invalid.")
     if claimed_bytes != expected:
@@ -192,15 +163,6 @@ def _verify_checksum(header: str, claimed: str, data: bytes) -> tuple[str, str]:
 
 
 # --- encryption at rest and customer keys ---------------------------------------------
-
-def _seal(key: bytes, plaintext: bytes) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, None)
-
-
-def _unseal(key: bytes, sealed: bytes) -> bytes:
-    return AESGCM(key).decrypt(sealed[:12], sealed[12:], None)
-
 
 @dataclass(frozen=True)
 class CustomerKey:
@@ -244,7 +206,7 @@ def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | 
     if key_text is None:
         raise _invalid_argument("Requests specifying Server Side Encryption with Customer provided "
                                 "keys must provide an appropriate secret key.", prefix + "key")
-    key = _b64decode(key_text)
+    key = b64decode_or_none(key_text)
     if key is None or len(key) != 32:
         raise _invalid_argument("The secret key was invalid for the specified algorithm.", prefix + "key")
     if md5_text is None:
@@ -252,7 +214,7 @@ def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | 
                                 "keys must provide the client calculated MD5 of the secret key.",
                                 prefix + "key-MD5")
     md5 = hashlib.md5(key).digest()
-    if _b64decode(md5_text) != md5:
+    if b64decode_or_none(md5_text) != md5:
         raise _invalid_argument("The calculated MD5 hash of the key did not match the hash that was "
                                 "provided.", prefix + "key-MD5")
     return CustomerKey(key, base64.b64encode(md5).decode())
@@ -629,7 +591,7 @@ def _verified_payload(incoming: _Incoming, principal: _Principal, body: bytes) -
                                "are not allowed.")
     content_md5 = incoming.headers.get("Content-MD5")
     if content_md5 is not None:
-        claimed_md5 = _b64decode(content_md5)
+        claimed_md5 = b64decode_or_none(content_md5)
         if claimed_md5 is None or len(claimed_md5) != 16:
             raise S3Error(400, "InvalidDigest", "The Content-MD5 you specified is not valid.")
         if claimed_md5 != hashlib.md5(data).digest():
@@ -706,20 +668,8 @@ class _Bucket:
     objects: dict[str, StoredObject] = field(default_factory=dict)
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
 def _quoted_md5(data: bytes) -> str:
     return f'"{hashlib.md5(data).hexdigest()}"'
-
-
-def _http_date(moment: dt.datetime) -> str:
-    return format_datetime(moment, usegmt=True)
-
-
-def _iso_date(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class _Store:
@@ -737,17 +687,17 @@ class _Store:
         with self.lock:
             if name in self.buckets:
                 return False
-            self.buckets[name] = _Bucket(name, _now(), block_sse_c)
+            self.buckets[name] = _Bucket(name, utc_now(), block_sse_c)
             return True
 
     def seal(self, customer_key: CustomerKey | None, data: bytes) -> bytes:
-        return _seal(customer_key.key if customer_key else self._server_key, data)
+        return seal(customer_key.key if customer_key else self._server_key, data)
 
     def plaintext(self, obj: StoredObject, customer_key: CustomerKey | None) -> bytes:
         key = customer_key.key if customer_key else self._server_key
         pieces, offset = [], 0
         for size in obj.segment_sizes:
-            pieces.append(_unseal(key, obj.data_on_disk[offset:offset + size]))
+            pieces.append(unseal(key, obj.data_on_disk[offset:offset + size]))
             offset += size
         return b"".join(pieces)
 
@@ -761,11 +711,11 @@ class _Store:
             size=len(data),
             # The ETag of an SSE-C object must not be the MD5 of its plaintext.
             etag=_quoted_md5(sealed if customer_key else data),
-            metadata=metadata, last_modified=_now(), content_headers=content_headers,
+            metadata=metadata, last_modified=utc_now(), content_headers=content_headers,
             checksum=checksum, parts_count=None, segment_sizes=(len(sealed),),
             key_fingerprint=KeyFingerprint.of(customer_key.key) if customer_key else None)
 
-    def handle(self, incoming: _Incoming, read_body: Callable[[], tuple[bytes, bool]]) -> _Response:
+    def handle(self, incoming: _Incoming, read_body: Callable[[], tuple[bytes, bool]]) -> Response:
         bucket, key = _address(incoming)
         level = "object" if key else "bucket" if bucket else "service"
         selector = frozenset(name for name, _ in incoming.query if name in _SUBRESOURCES)
@@ -789,82 +739,21 @@ class _Incoming:
     secure: bool
 
 
-@dataclass
-class _Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-
-
-def _parse_query(raw_query: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in raw_query.split("&"):
-        if item:
-            name, _, value = item.partition("=")
-            pairs.append((unquote(name), unquote(value)))
-    return pairs
-
-
 def _address(incoming: _Incoming) -> tuple[str | None, str | None]:
     """(bucket, key) from a path-style or virtual-hosted-style request."""
-    host = incoming.headers.get("Host", "")
-    hostname = host if host.startswith("[") else host.rpartition(":")[0] or host
-    path = unquote(incoming.raw_path)[1:]
-    if _is_virtual_hosted(hostname):
-        return hostname.split(".")[0], path or None
-    bucket, _, key = path.partition("/")
-    return bucket or None, key or None
+    return bucket_and_key(incoming.headers.get("Host", ""), incoming.raw_path)
 
 
-def _is_virtual_hosted(hostname: str) -> bool:
-    if hostname == "localhost" or "." not in hostname:
-        return False
-    try:
-        ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        return True
-    return False
+def _xml_response(root: ET.Element, headers: list[tuple[str, str]] | None = None) -> Response:
+    return xml_response(root, headers, namespace=_XMLNS)
 
 
-def _element(tag: str, text: str | int | None = None, *children: ET.Element) -> ET.Element:
-    element = ET.Element(tag)
-    if text is not None:
-        element.text = str(text)
-    element.extend(children)
-    return element
-
-
-def _xml_response(root: ET.Element, headers: list[tuple[str, str]] | None = None) -> _Response:
-    root.set("xmlns", _XMLNS)
+def _error_response(error: S3Error, resource: str, request_id: str) -> Response:
+    root = xml_element("Error", None, xml_element("Code", error.code), xml_element("Message", error.message))
+    root.extend(xml_element(name, value) for name, value in error.details.items())
+    root.extend([xml_element("Resource", resource), xml_element("RequestId", request_id)])
     body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return _Response(200, [("Content-Type", "application/xml"), *(headers or [])], body)
-
-
-def _parse_xml(data: bytes, root_tag: str) -> ET.Element:
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError:
-        raise _malformed_xml() from None
-    if root.tag.rpartition("}")[2] != root_tag:
-        raise _malformed_xml()
-    return root
-
-
-def _children(element: ET.Element, tag: str) -> list[ET.Element]:
-    return element.findall(f"{{*}}{tag}")  # any namespace, or none
-
-
-def _child_text(element: ET.Element, tag: str) -> str | None:
-    found = _children(element, tag)
-    return (found[0].text or "") if found else None
-
-
-def _error_response(error: S3Error, resource: str, request_id: str) -> _Response:
-    root = _element("Error", None, _element("Code", error.code), _element("Message", error.message))
-    root.extend(_element(name, value) for name, value in error.details.items())
-    root.extend([_element("Resource", resource), _element("RequestId", request_id)])
-    body = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    return _Response(error.status, [("Content-Type", "application/xml")], body)
+    return Response(error.status, [("Content-Type", "application/xml")], body)
 
 
 def _encryption_headers(customer_key_md5: str | None) -> list[tuple[str, str]]:
@@ -894,7 +783,7 @@ def _content_headers(headers: Message) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass
-class _Call:
+class _Call(CallParameters):
     """One authenticated request, routed to an operation."""
 
     store: _Store
@@ -903,13 +792,6 @@ class _Call:
     key: str | None
     payload: _Payload
     has_length: bool
-
-    @property
-    def params(self) -> dict[str, str]:
-        return dict(self.incoming.query)
-
-    def header(self, name: str) -> str | None:
-        return self.incoming.headers.get(name)
 
     def bucket(self, name: str | None = None) -> _Bucket:
         name = name or self.bucket_name
@@ -980,25 +862,25 @@ class _Call:
 
 # --- operations -----------------------------------------------------------------------
 
-def _list_buckets(call: _Call) -> _Response:
+def _list_buckets(call: _Call) -> Response:
     with call.store.lock:
         buckets = sorted(call.store.buckets.values(), key=lambda bucket: bucket.name)
-    return _xml_response(_element(
+    return _xml_response(xml_element(
         "ListAllMyBucketsResult", None,
-        _element("Owner", None, _element("ID", _OWNER_ID), _element("DisplayName", "upstream")),
-        _element("Buckets", None, *(
-            _element("Bucket", None, _element("Name", bucket.name),
-                     _element("CreationDate", _iso_date(bucket.created)),
-                     _element("BucketRegion", call.store.region))
+        xml_element("Owner", None, xml_element("ID", _OWNER_ID), xml_element("DisplayName", "upstream")),
+        xml_element("Buckets", None, *(
+            xml_element("Bucket", None, xml_element("Name", bucket.name),
+                        xml_element("CreationDate", iso_date(bucket.created)),
+                        xml_element("BucketRegion", call.store.region))
             for bucket in buckets))))
 
 
-def _create_bucket(call: _Call) -> _Response:
+def _create_bucket(call: _Call) -> Response:
     name = call.bucket_name
     constraint = None
     if call.payload.data:
-        constraint = _child_text(_parse_xml(call.payload.data, "CreateBucketConfiguration"),
-                                 "LocationConstraint") or None
+        constraint = xml_child_text(parse_xml(call.payload.data, "CreateBucketConfiguration", _malformed_xml),
+                                    "LocationConstraint") or None
     expected = None if call.store.region == "us-east-1" else call.store.region
     if constraint != expected:
         raise S3Error(400, "IllegalLocationConstraintException",
@@ -1009,7 +891,7 @@ def _create_bucket(call: _Call) -> _Response:
     if not created and call.store.region != "us-east-1":
         raise S3Error(409, "BucketAlreadyOwnedByYou", "Your previous request to create the named "
                       "bucket succeeded and you already own it.", {"BucketName": name})
-    return _Response(200, [("Location", f"/{name}")])
+    return Response(200, [("Location", f"/{name}")])
 
 
 def _valid_bucket_name(name: str) -> bool:
@@ -1022,22 +904,22 @@ def _valid_bucket_name(name: str) -> bool:
     return False
 
 
-def _head_bucket(call: _Call) -> _Response:
+def _head_bucket(call: _Call) -> Response:
     call.bucket()
-    return _Response(200, [("x-amz-bucket-region", call.store.region)])
+    return Response(200, [("x-amz-bucket-region", call.store.region)])
 
 
-def _list_objects_v1(call: _Call) -> _Response:
+def _list_objects_v1(call: _Call) -> Response:
     return _list_objects(call, version=1)
 
 
-def _list_objects_v2(call: _Call) -> _Response:
+def _list_objects_v2(call: _Call) -> Response:
     if call.params["list-type"] != "2":
         raise _invalid_argument("Invalid List Type specified in Request", "list-type")
     return _list_objects(call, version=2)
 
 
-def _list_objects(call: _Call, version: int) -> _Response:
+def _list_objects(call: _Call, version: int) -> Response:
     bucket = call.bucket()
     params = call.params
     prefix = params.get("prefix", "")
@@ -1074,34 +956,34 @@ def _list_objects(call: _Call, version: int) -> _Response:
     page = entries[:max_keys]
     truncated = bool(page) and len(entries) > max_keys
 
-    root = _element("ListBucketResult", None, _element("Name", bucket.name),
-                    _element("Prefix", encode(prefix)))
+    root = xml_element("ListBucketResult", None, xml_element("Name", bucket.name),
+                       xml_element("Prefix", encode(prefix)))
     if version == 2:
-        root.append(_element("KeyCount", len(page)))
+        root.append(xml_element("KeyCount", len(page)))
         if "continuation-token" in params:
-            root.append(_element("ContinuationToken", params["continuation-token"]))
+            root.append(xml_element("ContinuationToken", params["continuation-token"]))
         if "start-after" in params:
-            root.append(_element("StartAfter", encode(params["start-after"])))
+            root.append(xml_element("StartAfter", encode(params["start-after"])))
         if truncated:
-            root.append(_element("NextContinuationToken", _encode_token(page[-1][0])))
+            root.append(xml_element("NextContinuationToken", _encode_token(page[-1][0])))
     else:
-        root.append(_element("Marker", encode(marker)))
+        root.append(xml_element("Marker", encode(marker)))
         if truncated and delimiter:
-            root.append(_element("NextMarker", encode(page[-1][0])))
-    root.append(_element("MaxKeys", max_keys))
+            root.append(xml_element("NextMarker", encode(page[-1][0])))
+    root.append(xml_element("MaxKeys", max_keys))
     if delimiter:
-        root.append(_element("Delimiter", encode(delimiter)))
+        root.append(xml_element("Delimiter", encode(delimiter)))
     if encoding:
-        root.append(_element("EncodingType", encoding))
-    root.append(_element("IsTruncated", str(truncated).lower()))
+        root.append(xml_element("EncodingType", encoding))
+    root.append(xml_element("IsTruncated", str(truncated).lower()))
     for name, obj in page:
         if obj is None:
-            root.append(_element("CommonPrefixes", None, _element("Prefix", encode(name))))
+            root.append(xml_element("CommonPrefixes", None, xml_element("Prefix", encode(name))))
         else:
-            root.append(_element("Contents", None, _element("Key", encode(name)),
-                                 _element("LastModified", _iso_date(obj.last_modified)),
-                                 _element("ETag", obj.etag), _element("Size", obj.size),
-                                 _element("StorageClass", "STANDARD")))
+            root.append(xml_element("Contents", None, xml_element("Key", encode(name)),
+                                    xml_element("LastModified", iso_date(obj.last_modified)),
+                                    xml_element("ETag", obj.etag), xml_element("Size", obj.size),
+                                    xml_element("StorageClass", "STANDARD")))
     return _xml_response(root)
 
 
@@ -1116,23 +998,23 @@ def _decode_token(token: str) -> str:
         raise _invalid_argument("The continuation token provided is incorrect", "continuation-token") from None
 
 
-def _delete_objects(call: _Call) -> _Response:
+def _delete_objects(call: _Call) -> Response:
     bucket = call.bucket()
     if call.header("Content-MD5") is None and call.payload.checksum is None:
         raise _invalid_request("Missing required header for this request: Content-MD5")
-    root = _parse_xml(call.payload.data, "Delete")
-    keys = [_child_text(entry, "Key") for entry in _children(root, "Object")]
+    root = parse_xml(call.payload.data, "Delete", _malformed_xml)
+    keys = [xml_child_text(entry, "Key") for entry in xml_children(root, "Object")]
     if not keys or len(keys) > 1000 or None in keys:
         raise _malformed_xml()
     with call.store.lock:
         for key in keys:
             bucket.objects.pop(key, None)
-    quiet = (_child_text(root, "Quiet") or "").lower() == "true"
-    deleted = [] if quiet else [_element("Deleted", None, _element("Key", key)) for key in keys]
-    return _xml_response(_element("DeleteResult", None, *deleted))
+    quiet = (xml_child_text(root, "Quiet") or "").lower() == "true"
+    deleted = [] if quiet else [xml_element("Deleted", None, xml_element("Key", key)) for key in keys]
+    return _xml_response(xml_element("DeleteResult", None, *deleted))
 
 
-def _put_object(call: _Call) -> _Response:
+def _put_object(call: _Call) -> Response:
     if call.header("x-amz-copy-source") is not None:
         return _copy_object(call)
     bucket = call.bucket()
@@ -1147,10 +1029,10 @@ def _put_object(call: _Call) -> _Response:
     headers = [("ETag", obj.etag), *_encryption_headers(obj.sse_customer_key_md5)]
     if obj.checksum is not None:
         headers.append((f"x-amz-checksum-{obj.checksum[0]}", obj.checksum[1]))
-    return _Response(200, headers)
+    return Response(200, headers)
 
 
-def _copy_object(call: _Call) -> _Response:
+def _copy_object(call: _Call) -> Response:
     bucket = call.bucket()
     customer_key = call.destination_key(bucket)
     source, source_key = call.copy_source()
@@ -1176,31 +1058,31 @@ def _copy_object(call: _Call) -> _Response:
     with call.store.lock:
         bucket.objects[call.key] = obj
     return _xml_response(
-        _element("CopyObjectResult", None, _element("LastModified", _iso_date(obj.last_modified)),
-                 _element("ETag", obj.etag)),
+        xml_element("CopyObjectResult", None, xml_element("LastModified", iso_date(obj.last_modified)),
+                    xml_element("ETag", obj.etag)),
         _encryption_headers(obj.sse_customer_key_md5))
 
 
-def _get_object(call: _Call) -> _Response:
+def _get_object(call: _Call) -> Response:
     return _object_response(call, include_body=True)
 
 
-def _head_object(call: _Call) -> _Response:
+def _head_object(call: _Call) -> Response:
     return _object_response(call, include_body=False)
 
 
-def _object_response(call: _Call, include_body: bool) -> _Response:
+def _object_response(call: _Call, include_body: bool) -> Response:
     obj = call.object()
     customer_key = call.customer_key()
     _check_read_key(obj.key_fingerprint, customer_key)
-    validators = [("ETag", obj.etag), ("Last-Modified", _http_date(obj.last_modified))]
+    validators = [("ETag", obj.etag), ("Last-Modified", http_date(obj.last_modified))]
     if_match = call.header("If-Match")
     if if_match is not None and not _etag_matches(if_match, obj.etag):
         raise S3Error(412, "PreconditionFailed", "At least one of the pre-conditions you specified "
                       "did not hold", {"Condition": "If-Match"})
     if_none_match = call.header("If-None-Match")
     if if_none_match is not None and _etag_matches(if_none_match, obj.etag):
-        return _Response(304, validators)
+        return Response(304, validators)
 
     content_headers = dict(obj.content_headers)
     content_headers.update((_RESPONSE_OVERRIDES[name], value) for name, value in call.params.items()
@@ -1218,7 +1100,7 @@ def _object_response(call: _Call, include_body: bool) -> _Response:
         headers.append(("Content-Range", f"bytes {first}-{last}/{obj.size}"))
     headers.append(("Content-Length", str(last - first + 1)))
     body = call.store.plaintext(obj, customer_key)[first:last + 1] if include_body else b""
-    return _Response(status, headers, body)
+    return Response(status, headers, body)
 
 
 def _etag_matches(condition: str, etag: str) -> bool:
@@ -1248,35 +1130,35 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, last
 
 
-def _delete_object(call: _Call) -> _Response:
+def _delete_object(call: _Call) -> Response:
     bucket = call.bucket()
     with call.store.lock:
         bucket.objects.pop(call.key, None)
-    return _Response(204)
+    return Response(204)
 
 
-def _get_object_attributes(call: _Call) -> _Response:
+def _get_object_attributes(call: _Call) -> Response:
     obj = call.object()
     _check_read_key(obj.key_fingerprint, call.customer_key())
     wanted = {name.strip() for name in (call.header("x-amz-object-attributes") or "").split(",")}
     known = {"ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"}
     if not wanted <= known:
         raise _invalid_argument("Invalid attribute name specified.", "x-amz-object-attributes")
-    root = _element("GetObjectAttributesResponse")
+    root = xml_element("GetObjectAttributesResponse")
     if "ETag" in wanted:
-        root.append(_element("ETag", obj.etag.strip('"')))
+        root.append(xml_element("ETag", obj.etag.strip('"')))
     if "Checksum" in wanted and obj.checksum is not None:
-        root.append(_element("Checksum", None, _element(_CHECKSUM_XML[obj.checksum[0]], obj.checksum[1])))
+        root.append(xml_element("Checksum", None, xml_element(_CHECKSUM_XML[obj.checksum[0]], obj.checksum[1])))
     if "ObjectParts" in wanted and obj.parts_count is not None:
-        root.append(_element("ObjectParts", None, _element("TotalPartsCount", obj.parts_count)))
+        root.append(xml_element("ObjectParts", None, xml_element("TotalPartsCount", obj.parts_count)))
     if "StorageClass" in wanted:
-        root.append(_element("StorageClass", "STANDARD"))
+        root.append(xml_element("StorageClass", "STANDARD"))
     if "ObjectSize" in wanted:
-        root.append(_element("ObjectSize", obj.size))
-    return _xml_response(root, [("Last-Modified", _http_date(obj.last_modified))])
+        root.append(xml_element("ObjectSize", obj.size))
+    return _xml_response(root, [("Last-Modified", http_date(obj.last_modified))])
 
 
-def _create_multipart_upload(call: _Call) -> _Response:
+def _create_multipart_upload(call: _Call) -> Response:
     bucket = call.bucket()
     customer_key = call.destination_key(bucket)
     algorithm = call.header("x-amz-checksum-algorithm")
@@ -1295,12 +1177,12 @@ def _create_multipart_upload(call: _Call) -> _Response:
     headers = _encryption_headers(upload.key_md5)
     if algorithm is not None:
         headers.append(("x-amz-checksum-algorithm", algorithm.upper()))
-    return _xml_response(_element("InitiateMultipartUploadResult", None, _element("Bucket", bucket.name),
-                                  _element("Key", call.key), _element("UploadId", upload.upload_id)),
+    return _xml_response(xml_element("InitiateMultipartUploadResult", None, xml_element("Bucket", bucket.name),
+                                     xml_element("Key", call.key), xml_element("UploadId", upload.upload_id)),
                          headers)
 
 
-def _upload_part(call: _Call) -> _Response:
+def _upload_part(call: _Call) -> Response:
     upload = call.upload()
     part_number = call.params["partNumber"]
     if not part_number.isdigit() or not 1 <= int(part_number) <= _MAX_PART_NUMBER:
@@ -1325,17 +1207,17 @@ def _upload_part(call: _Call) -> _Response:
         raise _part_key_mismatch()
     sealed = call.store.seal(customer_key, data)
     part = _Part(sealed=sealed, size=len(data), etag=_quoted_md5(sealed if customer_key else data),
-                 checksum=checksum, last_modified=_now())
+                 checksum=checksum, last_modified=utc_now())
     with call.store.lock:
         upload.parts[int(part_number)] = part
     headers = _encryption_headers(upload.key_md5)
     if copying:
-        return _xml_response(_element("CopyPartResult", None,
-                                      _element("LastModified", _iso_date(part.last_modified)),
-                                      _element("ETag", part.etag)), headers)
+        return _xml_response(xml_element("CopyPartResult", None,
+                                         xml_element("LastModified", iso_date(part.last_modified)),
+                                         xml_element("ETag", part.etag)), headers)
     if checksum is not None:
         headers.append((f"x-amz-checksum-{checksum[0]}", checksum[1]))
-    return _Response(200, [("ETag", part.etag), *headers])
+    return Response(200, [("ETag", part.etag), *headers])
 
 
 def _part_key_mismatch() -> S3Error:
@@ -1358,16 +1240,16 @@ def _copy_source_range(header: str | None, size: int) -> tuple[int, int]:
     return first, last
 
 
-def _complete_multipart_upload(call: _Call) -> _Response:
+def _complete_multipart_upload(call: _Call) -> Response:
     upload = call.upload()
-    root = _parse_xml(call.payload.data, "CompleteMultipartUpload")
-    listed = _children(root, "Part")
+    root = parse_xml(call.payload.data, "CompleteMultipartUpload", _malformed_xml)
+    listed = xml_children(root, "Part")
     if not listed:
         raise _malformed_xml()
     numbers = []
     parts = []
     for entry in listed:
-        number_text, etag = _child_text(entry, "PartNumber"), _child_text(entry, "ETag")
+        number_text, etag = xml_child_text(entry, "PartNumber"), xml_child_text(entry, "ETag")
         if number_text is None or not number_text.isdigit() or etag is None:
             raise _malformed_xml()
         number = int(number_text)
@@ -1378,7 +1260,7 @@ def _complete_multipart_upload(call: _Call) -> _Response:
         if part is None or part.etag.strip('"') != etag.strip().strip('"'):
             raise _invalid_part(upload, number)
         if upload.checksum_algorithm is not None:
-            claimed = _child_text(entry, _CHECKSUM_XML[upload.checksum_algorithm])
+            claimed = xml_child_text(entry, _CHECKSUM_XML[upload.checksum_algorithm])
             if claimed is None:
                 raise _invalid_request(f"The upload was created using a {upload.checksum_algorithm} "
                                        "checksum. The complete request must include the checksum for "
@@ -1398,7 +1280,7 @@ def _complete_multipart_upload(call: _Call) -> _Response:
         data_on_disk=b"".join(part.sealed for part in parts),
         sse_customer_key_md5=upload.key_md5, size=sum(part.size for part in parts),
         etag=f'"{hashlib.md5(part_digests).hexdigest()}-{len(parts)}"',
-        metadata=upload.metadata, last_modified=_now(), content_headers=upload.content_headers,
+        metadata=upload.metadata, last_modified=utc_now(), content_headers=upload.content_headers,
         checksum=None, parts_count=len(parts), segment_sizes=tuple(len(part.sealed) for part in parts),
         key_fingerprint=upload.key_fingerprint)
     bucket = call.bucket()
@@ -1406,9 +1288,9 @@ def _complete_multipart_upload(call: _Call) -> _Response:
         call.store.uploads.pop(upload.upload_id, None)
         bucket.objects[call.key] = obj
     return _xml_response(
-        _element("CompleteMultipartUploadResult", None,
-                 _element("Location", f"/{bucket.name}/{quote(call.key)}"), _element("Bucket", bucket.name),
-                 _element("Key", call.key), _element("ETag", obj.etag)),
+        xml_element("CompleteMultipartUploadResult", None,
+                    xml_element("Location", f"/{bucket.name}/{quote(call.key)}"), xml_element("Bucket", bucket.name),
+                    xml_element("Key", call.key), xml_element("ETag", obj.etag)),
         [] if obj.sse_customer_key_md5 else [("x-amz-server-side-encryption", "AES256")])
 
 
@@ -1418,14 +1300,14 @@ def _invalid_part(upload: _Upload, number: int) -> S3Error:
                    "entity tag.", {"UploadId": upload.upload_id, "PartNumber": str(number)})
 
 
-def _abort_multipart_upload(call: _Call) -> _Response:
+def _abort_multipart_upload(call: _Call) -> Response:
     upload = call.upload()
     with call.store.lock:
         call.store.uploads.pop(upload.upload_id, None)
-    return _Response(204)
+    return Response(204)
 
 
-def _list_parts(call: _Call) -> _Response:
+def _list_parts(call: _Call) -> Response:
     upload = call.upload()
     params = call.params
     marker_text = params.get("part-number-marker", "0")
@@ -1436,22 +1318,22 @@ def _list_parts(call: _Call) -> _Response:
         parts = sorted((number, part) for number, part in upload.parts.items() if number > int(marker_text))
     max_parts = min(int(max_parts_text), 1000)
     page, truncated = parts[:max_parts], len(parts) > max_parts
-    root = _element("ListPartsResult", None, _element("Bucket", upload.bucket), _element("Key", upload.key),
-                    _element("UploadId", upload.upload_id), _element("PartNumberMarker", marker_text),
-                    _element("NextPartNumberMarker", page[-1][0] if page else 0),
-                    _element("MaxParts", max_parts), _element("IsTruncated", str(truncated).lower()),
-                    _element("StorageClass", "STANDARD"))
+    root = xml_element("ListPartsResult", None, xml_element("Bucket", upload.bucket), xml_element("Key", upload.key),
+                       xml_element("UploadId", upload.upload_id), xml_element("PartNumberMarker", marker_text),
+                       xml_element("NextPartNumberMarker", page[-1][0] if page else 0),
+                       xml_element("MaxParts", max_parts), xml_element("IsTruncated", str(truncated).lower()),
+                       xml_element("StorageClass", "STANDARD"))
     for number, part in page:
-        entry = _element("Part", None, _element("PartNumber", number),
-                         _element("LastModified", _iso_date(part.last_modified)),
-                         _element("ETag", part.etag), _element("Size", part.size))
+        entry = xml_element("Part", None, xml_element("PartNumber", number),
+                            xml_element("LastModified", iso_date(part.last_modified)),
+                            xml_element("ETag", part.etag), xml_element("Size", part.size))
         if part.checksum is not None:
-            entry.append(_element(_CHECKSUM_XML[part.checksum[0]], part.checksum[1]))
+            entry.append(xml_element(_CHECKSUM_XML[part.checksum[0]], part.checksum[1]))
         root.append(entry)
     return _xml_response(root)
 
 
-_OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], _Response]] = {
+_OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], Response]] = {
     ("GET", "service", frozenset()): _list_buckets,
     ("PUT", "bucket", frozenset()): _create_bucket,
     ("HEAD", "bucket", frozenset()): _head_bucket,
@@ -1473,56 +1355,9 @@ _OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], _Response]]
 
 # --- HTTP -----------------------------------------------------------------------------
 
-@dataclass
-class ReceivedRequest:
-    method: str
-    path: str  # as received: percent-encoded, without the query
-    query: list[tuple[str, str]]  # decoded, in order
-    headers: list[tuple[str, str]]
-    status: int | None = None  # set once the response has been sent
-
-    def header(self, name: str) -> str | None:
-        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
-
-
-def _read_http_chunked(rfile) -> bytes:
-    """Undo Transfer-Encoding: chunked (botocore sends aws-chunked bodies this way)."""
-    pieces = []
-    while True:
-        size_text = rfile.readline(1024).split(b";")[0].strip()
-        if not re.fullmatch(rb"[0-9a-fA-F]+", size_text):
-            raise _incomplete_body()
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        pieces.append(rfile.read(size))
-        if len(pieces[-1]) != size or rfile.read(2) != b"\r\n":
-            raise _incomplete_body()
-    while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-        pass  # HTTP trailer fields carry nothing S3 reads
-    return b"".join(pieces)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(StorageHandler):
     server_version = "AmazonS3"
-    sys_version = ""
-    timeout = 120
     _continue_pending = False
-
-    def version_string(self):
-        return self.server_version
-
-    def handle(self):
-        if isinstance(self.connection, ssl.SSLSocket):
-            try:
-                self.connection.do_handshake()
-            except (ssl.SSLError, OSError):
-                return  # e.g. a client that does not trust the CA: nothing to serve
-        super().handle()
-
-    def log_message(self, format, *args):
-        pass
 
     def handle_expect_100(self):
         # Like S3, answer 100 Continue only once the request has been authenticated.
@@ -1530,12 +1365,8 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _serve(self):
-        upstream: S3Upstream = self.server.upstream
-        raw_path, _, raw_query = self.path.partition("?")
-        query = _parse_query(raw_query)
-        record = ReceivedRequest(self.command, raw_path, query, list(self.headers.items()))
-        upstream.requests.append(record)
-        self._body_consumed = False
+        upstream: S3Upstream = self.server.owner
+        raw_path, _, query, record = self.receive()
         request_id = secrets.token_hex(8).upper()
         incoming = _Incoming(self.command, raw_path, query, self.headers, upstream.tls)
         try:
@@ -1562,7 +1393,8 @@ class _Handler(BaseHTTPRequestHandler):
         if transfer_encoding is not None:
             if transfer_encoding.strip().lower() != "chunked":
                 raise _not_implemented("Transfer-Encoding")
-            return _read_http_chunked(self.rfile), True
+            # botocore sends aws-chunked bodies this way; HTTP trailer fields carry nothing S3 reads.
+            return self.read_http_chunked(_incomplete_body), True
         length = self.headers.get("Content-Length")
         if length is None:
             return b"", False
@@ -1573,85 +1405,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise _incomplete_body()
         return body, True
 
-    def _send(self, response: _Response, request_id: str):
-        unread_body = not self._body_consumed and (
-            self.headers.get("Transfer-Encoding") is not None or self.headers.get("Content-Length", "0") != "0")
-        if unread_body or self._continue_pending:
+    def _send(self, response: Response, request_id: str):
+        if self.body_left_unread() or self._continue_pending:
             # The client may still send a body we did not read: this connection cannot be reused.
-            self.close_connection = True
-            response.headers.append(("Connection", "close"))
+            self.close_after_response(response.headers)
         self._continue_pending = False
-        self.send_response(response.status)
-        self.send_header("x-amz-request-id", request_id)
-        self.send_header("x-amz-id-2", base64.b64encode(os.urandom(48)).decode())
-        for name, value in response.headers:
-            self.send_header(name, value)
-        if response.status not in (204, 304) and not any(
-                name.lower() == "content-length" for name, _ in response.headers):
-            self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+        self.write_response(response.status, [
+            ("x-amz-request-id", request_id),
+            ("x-amz-id-2", base64.b64encode(os.urandom(48)).decode()),
+            *response.headers,
+        ], response.body, without_length=(204, 304))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, upstream: S3Upstream, ssl_context: ssl.SSLContext | None):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.upstream = upstream
-        if ssl_context is not None:
-            # The handshake happens in the connection's own thread (see _Handler.handle).
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-
-
-class S3Upstream:
+class S3Upstream(StorageUpstream):
     """A strict S3-compatible server on 127.0.0.1, for driving real S3 clients in tests."""
+
+    handler = _Handler
+    thread_name = "s3-upstream"
 
     def __init__(self, ca: trustme.CA | None, credentials: dict[str, str], *,
                  region: str = "us-east-1", tls: bool = True):
-        if tls and ca is None:
-            raise ValueError("TLS needs a trustme.CA to issue the server certificate")
-        self._ca = ca
+        super().__init__(ca, tls=tls)
         self.region = region
-        self.tls = tls
         self._store = _Store(dict(credentials), region)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.requests: list[ReceivedRequest] = []
-        self.internal_errors: list[str] = []  # tracebacks of requests answered with 500
-
-    def start(self) -> S3Upstream:
-        context = None
-        if self.tls:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server = _Server(self, context)
-        # A short poll interval keeps stop() quick.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="s3-upstream", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> S3Upstream:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def create_bucket(self, name: str, *, block_sse_c: bool = False) -> None:
         """Create a bucket directly; block_sse_c models AWS's default for new buckets since April 2026.
@@ -1664,6 +1440,3 @@ class S3Upstream:
     def stored(self, bucket: str, key: str) -> StoredObject:
         with self._store.lock:
             return self._store.buckets[bucket].objects[key]
-
-    def clear_requests(self) -> None:
-        self.requests.clear()

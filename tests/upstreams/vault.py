@@ -24,13 +24,16 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trustme
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tests.upstreams.server import ResponseWriter, TestServer, TlsHTTPServer
+from tests.upstreams.server import server_tls_context  # noqa: F401 (re-exported: was defined here)
 
 VAULT_VERSION = "1.17.2"  # what sys/health and sys/seal-status report
 VAULT_BUILD_DATE = "2024-07-05T15:19:12Z"
@@ -278,15 +281,16 @@ def endpoint(pattern: str, operations: Mapping[str, Callable], **flags) -> Route
     return Route(re.compile(pattern), operations, **flags)
 
 
-class VaultServer:
+class VaultServer(TestServer):
     """In-memory Vault on 127.0.0.1 (HTTPS with a cert from `ca` unless tls=False), started by start() or `with`."""
 
+    thread_name = "vault-test-server"
+    missing_ca_message = "tls=True needs a trustme.CA to issue the server certificate"
+
     def __init__(self, ca: trustme.CA | None, *, root_token: str = "root-token", tls: bool = True):
-        if tls and ca is None:
-            raise ValueError("tls=True needs a trustme.CA to issue the server certificate")
+        super().__init__(ca, tls=tls)
         self.root_token = root_token
         self.requests: list[ReceivedRequest] = []
-        self._tls = server_tls_context(ca) if tls else None
         self._lock = threading.Lock()
         self._sealed = False
         self._namespaces = {"": Namespace(kv={"secret": {}})}
@@ -297,59 +301,27 @@ class VaultServer:
         )
         self._tokens = {root_token: root}
         self._cluster = {"cluster_name": f"vault-cluster-{secrets.token_hex(4)}", "cluster_id": str(uuid.uuid4())}
-        self._port = 0
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- lifecycle (start, stop and `with` from TestServer) ---------------------------------
+
+    def _make_server(self, ssl_context: ssl.SSLContext | None, port: int) -> _HTTPServer:
+        return _HTTPServer(_Handler, ssl_context, owner=self, port=port)
 
     @property
     def addr(self) -> str:
-        if not self._port:
-            raise RuntimeError("VaultServer is not started")
-        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self._port}"
-
-    def start(self) -> VaultServer:
-        self._listen()
-        return self
-
-    def stop(self) -> None:
-        self._go_down()
-
-    def __enter__(self) -> VaultServer:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+        return self.base_url
 
     def set_down(self, down: bool) -> None:
         """Down: nothing listens and open connections are cut, like a crashed Vault. Up: same port, same data."""
         if down:
-            self._go_down()
-        elif self._httpd is None:
-            self._listen()
+            self.stop()
+        elif self._server is None:
+            self.start()
 
     def seal(self, sealed: bool) -> None:
         """Sealed: sys/health and sys/seal-status say so (503 for health); every other request gets 503."""
         with self._lock:
             self._sealed = sealed
-
-    def _listen(self) -> None:
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), self._tls, self._respond)
-        self._port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="vault-test-server", daemon=True
-        )
-        self._thread.start()
-
-    def _go_down(self) -> None:
-        if self._httpd is None:
-            return
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._httpd.cut_connections()
-        self._thread.join()
-        self._httpd = self._thread = None
 
     # --- seeding and inspection ------------------------------------------------------------
 
@@ -1059,40 +1031,32 @@ def random_id(length: int) -> str:
     return "".join(secrets.choice(ALPHANUMERIC) for _ in range(length))
 
 
-def server_tls_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
+class _HTTPServer(TlsHTTPServer):
+    """Tracks its connections, so that going down cuts them like a crashed Vault."""
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a client idling on a keep-alive connection must not hold up stop()
-
-    def __init__(self, address, tls: ssl.SSLContext | None, respond: Callable):
-        self.tls = tls
-        self.respond = respond
+    def __init__(self, *args, **kwargs):
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._cut = False
-        super().__init__(address, _Handler)
+        super().__init__(*args, **kwargs)
 
     def finish_request(self, request, client_address):
-        # The TLS handshake runs in the connection's own thread, so a stalled client cannot block accept().
-        try:
-            connection = self.tls.wrap_socket(request, server_side=True) if self.tls else request
-        except OSError:
-            return  # a client that fails the handshake just goes away
+        # The TLS handshake runs in the connection's own thread (ResponseWriter.handle).
         with self._connections_lock:
             if self._cut:  # accepted just before going down: it must not be served
-                connection.close()
+                request.close()
                 return
-            self._connections.add(connection)
+            self._connections.add(request)
         try:
-            super().finish_request(connection, client_address)
+            super().finish_request(request, client_address)
         finally:
             with self._connections_lock:
-                self._connections.discard(connection)
-            connection.close()
+                self._connections.discard(request)
+            request.close()
+
+    def server_close(self):
+        super().server_close()
+        self.cut_connections()
 
     def cut_connections(self) -> None:
         with self._connections_lock:
@@ -1110,29 +1074,22 @@ class _HTTPServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ResponseWriter, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Vault clients pool their connections
     disable_nagle_algorithm = True  # headers and body go out in separate writes; don't let them wait for an ACK
 
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = {name.lower(): value for name, value in self.headers.items()}
-        status, payload = self.server.respond(self.command, self.path, headers, body)
+        status, payload = self.server.owner._respond(self.command, self.path, headers, body)
         content = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Type", "application/json")  # exactly this: hvac parses errors only then
-        if status != 204:
-            self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(content)
+        self.write_response(status, [
+            ("Cache-Control", "no-store"),
+            ("Content-Type", "application/json"),  # exactly this: hvac parses errors only then
+        ], content)
 
     def __getattr__(self, name: str):
         # http.server looks up do_<VERB>; every verb is answered, as Vault answers unknown ones with 405.
         if name.startswith("do_"):
             return self._answer
         raise AttributeError(name)
-
-    def log_message(self, format, *args) -> None:
-        """Silent: request lines name secret paths, and test output is no place for them."""
