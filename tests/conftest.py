@@ -101,8 +101,17 @@ class Keycourier:
             time.sleep(0.1)
 
     def client_env(self) -> dict[str, str]:
-        """What a legacy application is given: the proxy and the CA bundle, nothing else."""
-        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "AWS_CA_BUNDLE": str(self.ca_cert)}
+        """What a legacy application is given: the proxy and the CA bundle (as boto3 and requests-based
+        SDKs read it), nothing else."""
+        return {"HTTPS_PROXY": self.url, "https_proxy": self.url, "AWS_CA_BUNDLE": str(self.ca_cert),
+                "REQUESTS_CA_BUNDLE": str(self.ca_cert)}
+
+    def configure_application(self, monkeypatch, **extra: str) -> None:
+        """Point this test process (the legacy application) at keycourier through its environment."""
+        for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {**self.client_env(), **extra}.items():
+            monkeypatch.setenv(name, value)
 
     def stop(self) -> None:
         self.process.terminate()

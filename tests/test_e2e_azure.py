@@ -66,11 +66,7 @@ rules:
 
 @pytest.fixture
 def app(keycourier, monkeypatch):
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {"HTTPS_PROXY": keycourier.url, "https_proxy": keycourier.url,
-                        "REQUESTS_CA_BUNDLE": str(keycourier.ca_cert)}.items():
-        monkeypatch.setenv(name, value)
+    keycourier.configure_application(monkeypatch)
     return keycourier
 
 

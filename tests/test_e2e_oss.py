@@ -54,11 +54,7 @@ rules:
 @pytest.fixture
 def app(keycourier, monkeypatch):
     """oss2 as a legacy application uses it: no encryption code, only the environment."""
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {"HTTPS_PROXY": keycourier.url, "https_proxy": keycourier.url,
-                        "REQUESTS_CA_BUNDLE": str(keycourier.ca_cert)}.items():
-        monkeypatch.setenv(name, value)
+    keycourier.configure_application(monkeypatch)
     return keycourier
 
 

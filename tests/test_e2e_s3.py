@@ -92,13 +92,10 @@ rules:
 
 @pytest.fixture
 def app_env(keycourier, monkeypatch):
-    """The legacy application's whole configuration: the proxy and the CA bundle."""
-    for name in ("NO_PROXY", "no_proxy", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {**keycourier.client_env(), "HTTP_PROXY": keycourier.url, "http_proxy": keycourier.url,
-                        "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
+    """The legacy application's whole configuration: the proxy and the CA bundle (and its own credentials)."""
+    keycourier.configure_application(monkeypatch, HTTP_PROXY=keycourier.url, http_proxy=keycourier.url,
+                                     AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+                                     AWS_DEFAULT_REGION="us-east-1")
     return keycourier
 
 
@@ -394,8 +391,7 @@ def test_upstream_certificates_are_always_verified(s3, keycourier, keycourier_co
     (tmp_path / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
     untrusting = Keycourier(tmp_path, keycourier_confdir, keycourier.policy_path.read_text())
     try:
-        for name, value in untrusting.client_env().items():
-            monkeypatch.setenv(name, value)
+        untrusting.configure_application(monkeypatch)
         s3.clear_requests()
         client = app_client(s3.endpoint_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
         with pytest.raises((ClientError, BotoCoreError)):  # mitmproxy drops the connection, boto3 reports it
@@ -480,9 +476,8 @@ def test_configmap_symlink_swap_is_reloaded_by_the_running_proxy(s3, ca_pem, key
         proxy.policy_path.unlink()
         proxy.policy_path.symlink_to(tmp_path / "..data" / "policies.yaml")
         (workdir / "secret-id").write_text((keycourier.workdir / "secret-id").read_text())
-        for name, value in {**proxy.client_env(), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
+        proxy.configure_application(monkeypatch, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET,
+                                    AWS_DEFAULT_REGION="us-east-1")
         client = app_client(s3.endpoint_url)
         client.put_object(Bucket="public-web", Key="before-swap.txt", Body=b"x")
         (tmp_path / "..data_tmp").symlink_to("..2026_11_23_v2")

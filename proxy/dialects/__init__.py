@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
 # Providers with a dialect module here; the policy accepts exactly these.
@@ -64,6 +65,26 @@ def parse_customer_key(request, prefix: str, digest_header: str, digest_of, dige
     if request.header(digest_header) not in (None, digest_of(key)):
         raise BadRequest(f"the {digest_name} in {digest_header} does not match the key sent")
     return key
+
+
+def name_s3_style_operation(request, bucket: str | None, object_key: str | None, bucket_operation, object_operation) -> str:
+    """S3-style APIs (S3, OSS): a service, bucket or object operation, by method and sub-resources."""
+    params = {name for name, _ in request.query}
+    method = request.method.upper()
+    if bucket is None:
+        return "ListBuckets" if method == "GET" else OTHER_OPERATION
+    if object_key is None:
+        return bucket_operation(method, params)
+    return object_operation(method, params, request)
+
+
+def copy_source_ref(request, header: str) -> ObjectRef:
+    """An S3-style copy source header: [/]bucket/key[?versionId=v], URL-encoded."""
+    source = unquote(request.header(header).split("?", 1)[0]).lstrip("/")
+    bucket, _, object_key = source.partition("/")
+    if not bucket or not object_key or bucket.startswith("arn:"):
+        raise BadRequest(f"{header} {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
+    return ObjectRef(bucket, object_key)
 
 
 def bucket_in_host(host: str, endpoint_host: str) -> str | None:

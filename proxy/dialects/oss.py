@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from proxy.dialects import OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host, xml_error_body
+from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, bucket_in_host, copy_source_ref,
+                             name_s3_style_operation, xml_error_body)
 from proxy.message import Request
 
 PROVIDER = "oss"
@@ -44,15 +45,8 @@ _BUCKET_VERBS = {"GET": "ListObjects", "PUT": "PutBucket", "DELETE": "DeleteBuck
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
     bucket, object_key = _bucket_and_key(request, endpoint_host)
-    params = {name for name, _ in request.query}
-    method = request.method.upper()
-    if bucket is None:
-        name = "ListBuckets" if method == "GET" else OTHER_OPERATION
-    elif object_key is None:
-        name = _bucket_operation(method, params)
-    else:
-        name = _object_operation(method, params, request)
-    copy_source = _copy_source(request) if name in ("CopyObject", "UploadPartCopy") else None
+    name = name_s3_style_operation(request, bucket, object_key, _bucket_operation, _object_operation)
+    copy_source = copy_source_ref(request, "x-oss-copy-source") if name in ("CopyObject", "UploadPartCopy") else None
     return Operation(PROVIDER, name, bucket, object_key, copy_source,
                      accepts_encryption=name in ENCRYPTION_OPERATIONS)
 
@@ -93,15 +87,6 @@ def _object_operation(method: str, params: set[str], request: Request) -> str:
     if method == "PUT" and request.header("x-oss-copy-source"):
         return "CopyObject"
     return _OBJECT_VERBS.get(method, OTHER_OPERATION)
-
-
-def _copy_source(request: Request) -> ObjectRef:
-    """x-oss-copy-source: /bucket/key[?versionId=v], URL-encoded."""
-    source = unquote(request.header("x-oss-copy-source").split("?", 1)[0]).lstrip("/")
-    bucket, _, object_key = source.partition("/")
-    if not bucket or not object_key:
-        raise BadRequest(f"x-oss-copy-source {source[:200]!r} does not name a bucket and object")
-    return ObjectRef(bucket, object_key)
 
 
 def client_key_headers(request: Request) -> list[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from proxy.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
-                             parse_customer_key, xml_error_body)
+from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, bucket_in_host, copy_source_ref,
+                             name_s3_style_operation, parse_customer_key, xml_error_body)
 from proxy.keys import Key
 from proxy.message import Request
 
@@ -65,15 +65,8 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
     """`endpoint_host` is the policy endpoint's host glob: `*.<domain>` there means buckets may be
     addressed virtual-hosted under <domain>, as boto3 does by default for custom endpoint names."""
     bucket, object_key = _bucket_and_key(request, endpoint_host)
-    params = {name for name, _ in request.query}
-    method = request.method.upper()
-    if bucket is None:
-        name = "ListBuckets" if method == "GET" else OTHER_OPERATION
-    elif object_key is None:
-        name = _bucket_operation(method, params)
-    else:
-        name = _object_operation(method, params, request)
-    copy_source = _copy_source(request) if name in COPY_OPERATIONS else None
+    name = name_s3_style_operation(request, bucket, object_key, _bucket_operation, _object_operation)
+    copy_source = copy_source_ref(request, "x-amz-copy-source") if name in COPY_OPERATIONS else None
     return Operation(PROVIDER, name, bucket, object_key, copy_source, accepts_encryption=name in KEY_OPERATIONS)
 
 
@@ -121,15 +114,6 @@ def _object_operation(method: str, params: set[str], request: Request) -> str:
     if method == "PUT" and request.header("x-amz-copy-source"):
         return "CopyObject"
     return _OBJECT_VERBS.get(method, OTHER_OPERATION)
-
-
-def _copy_source(request: Request) -> ObjectRef:
-    """x-amz-copy-source: [/]bucket/key[?versionId=v], URL-encoded."""
-    source = unquote(request.header("x-amz-copy-source").split("?", 1)[0]).lstrip("/")
-    bucket, _, object_key = source.partition("/")
-    if not bucket or not object_key or bucket.startswith("arn:"):
-        raise BadRequest(f"x-amz-copy-source {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
-    return ObjectRef(bucket, object_key)
 
 
 def signing_region(request: Request, configured: str | None) -> str:
