@@ -33,6 +33,7 @@ def format_record(record: dict, log_format: str) -> str:
     message = f": {record['message']}" if "message" in record else ""
     # Client input (bucket names) is quoted through header_safe so it cannot forge extra log lines.
     return header_safe(
-        f"{record['client']} {record['method']} {record['provider']} bucket={record['bucket']} op={record['operation']} "
+        f"{record['client']} {record['method']} {record['provider']} "
+        f"{'account=' + record['account'] + ' ' if record['account'] else ''}bucket={record['bucket']} op={record['operation']} "
         f"rule={record['rule']} action={record['action']}{key} -> {record['outcome']}{reason} "
         f"status={record['status']} {record['latency_ms']}ms{message}", limit=2000)

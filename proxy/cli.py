@@ -117,7 +117,7 @@ def _run(args) -> int:
 async def _serve(options: dict) -> int:
     from mitmproxy import addons as mitmproxy_addons
     from mitmproxy import master, optmanager
-    from mitmproxy.addons import dumper, errorcheck
+    from mitmproxy.addons import errorcheck
     from mitmproxy.options import Options
 
     from addons.keycourier import KeyCourier
@@ -127,10 +127,11 @@ async def _serve(options: dict) -> int:
     for noisy in ("asyncio", "hpack", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     proxy = master.Master(Options(), event_loop=asyncio.get_running_loop(), with_termlog=True)
-    # keycourier first: it scrubs key headers before any other addon (save, dumper) sees a flow.
+    # keycourier first: it scrubs key headers before any other addon (save) sees a flow. No dumper:
+    # keycourier's audit line replaces it, and unlike mitmproxy's it never prints object names.
     proxy.addons.add(KeyCourier())
     proxy.addons.add(*mitmproxy_addons.default_addons())
-    proxy.addons.add(dumper.Dumper(), errorcheck.ErrorCheck())
+    proxy.addons.add(errorcheck.ErrorCheck())
     try:
         proxy.options.update(**options)
     except optmanager.exceptions.OptionsError as exc:

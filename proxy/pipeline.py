@@ -32,6 +32,7 @@ class Audit:
     """What was decided, for the log: names and fingerprints only, never key material."""
 
     provider: str | None = None
+    account: str | None = None  # Azure storage account
     bucket: str | None = None
     operation: str | None = None
     rule: str | None = None
@@ -80,7 +81,7 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
     audit = Audit(provider=endpoint.provider)
     try:
         operation = classify(request, dialect, endpoint)
-        audit = replace(audit, bucket=operation.bucket, operation=operation.name)
+        audit = replace(audit, account=operation.account, bucket=operation.bucket, operation=operation.name)
         rule, source_rule = match_policy(policy, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
@@ -134,9 +135,10 @@ def enforce_deny(operation: Operation, rule: Rule, source_rule: Rule | None) -> 
 
 
 def _named(where: ObjectRef) -> str:
+    """Account and bucket, never the object name: object names may be personal data, and this goes to logs."""
     if not where.bucket:
         return "the service"
-    return f"{where.account + '/' if where.account else ''}{where.bucket}/{where.object_key or ''}"
+    return f"{'account ' + where.account + ' ' if where.account else ''}bucket {where.bucket}"
 
 
 def check_client_keys(request: Request, rule: Rule) -> list[str]:

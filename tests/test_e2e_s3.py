@@ -458,6 +458,8 @@ def test_metrics_move_by_exactly_the_requests_made_and_carry_no_names_or_keys(ap
     for secret_or_name in ("payroll-eu", "public-web", "secret-plan", "metered", SECRET,
                            *(base64.b64encode(key).decode() for key in KEYS.values())):
         assert secret_or_name not in after
+    for secret_or_object_name in ("secret-plan", "metered", SECRET, *(base64.b64encode(key).decode() for key in KEYS.values())):
+        assert secret_or_object_name not in app_env.log()
 
 
 def test_configmap_symlink_swap_is_reloaded_by_the_running_proxy(s3, ca_pem, keycourier, keycourier_confdir, tmp_path, monkeypatch):

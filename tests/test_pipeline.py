@@ -105,7 +105,7 @@ def test_hosts_that_are_not_endpoints_are_not_touched(policy):
 
 @pytest.mark.parametrize("path, status, reason, words", [
     ("/secret-x/a", 403, "deny", "denies access"),
-    ("/unlisted/a", 403, "no_rule", "no rule in the policy covers unlisted/a"),
+    ("/unlisted/a", 403, "no_rule", "no rule in the policy covers bucket unlisted"),
     ("/lost-and-found/a", 503, "key_unavailable", "cannot get key: cannot read key 'lost' file"),
 ])
 def test_refusals_say_why(policy, path, status, reason, words):
@@ -168,4 +168,4 @@ def test_a_body_failing_mid_stream_is_spoiled_at_its_announced_length():
 def test_copy_from_a_denied_source_is_refused(policy):
     decision = run(policy, signed("PUT", "/archive-1/x", headers={"x-amz-copy-source": "/secret-x/plans.txt"}))
     assert (decision.refusal.status, decision.refusal.reason) == (403, "deny")
-    assert "secret-x/plans.txt" in decision.refusal.message and decision.audit.rule is not None
+    assert "bucket secret-x" in decision.refusal.message and "plans.txt" not in decision.refusal.message
