@@ -1,6 +1,7 @@
 """policies.yaml: the model, its loader (every error names file and line), and rule matching."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,7 @@ _SHA256_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
 _GLOB_CHARS = re.compile(r"^[A-Za-z0-9._*?:-]*$")
 
 
+@functools.lru_cache(maxsize=1024)  # matched on every request: compile each policy glob once
 def glob_regex(glob: str) -> re.Pattern[str]:
     """Our globs know only `*` (any run of characters) and `?` (one character)."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob), re.IGNORECASE)
