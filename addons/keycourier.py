@@ -13,6 +13,7 @@ from proxy.keys import Secrets
 from proxy.message import Request
 from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
 from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers, translate_response
+from proxy.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
 
 log = logging.getLogger("keycourier")
 
@@ -28,6 +29,7 @@ class KeyCourier:
         # which mitmproxy saves and prints.
         self._decisions: weakref.WeakKeyDictionary[http.HTTPFlow, pipeline.Forward | pipeline.Refuse] = weakref.WeakKeyDictionary()
         self._metrics_server = None
+        self._sink: RefusalSink | None = None
 
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
@@ -54,6 +56,8 @@ class KeyCourier:
     def done(self):
         if self._watcher:
             self._watcher.cancel()
+        if self._sink:
+            self._sink.close()
         if self._metrics_server:
             self._metrics_server.shutdown()
 
@@ -89,10 +93,13 @@ class KeyCourier:
         if decision.audit.provider:
             metrics.record_decision(decision.audit)
         if isinstance(decision, pipeline.Refuse):
-            flow.response = http.Response.make(decision.refusal.status, b"" if request.method == "HEAD" else decision.body, {
-                "content-type": decision.content_type,
-                "x-keycourier-error": header_safe(decision.refusal.message),
-            })
+            answer = Answer(decision.refusal.status, {"content-type": decision.content_type,
+                                                      "x-keycourier-error": header_safe(decision.refusal.message)},
+                            b"" if request.method == "HEAD" else decision.body)
+            if request.header("content-length") in (None, "0") and not request.header("transfer-encoding"):
+                flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+            else:
+                self._send_to_sink(flow, answer)
             return
         if decision.request != request:
             apply_request(flow.request, decision.request)
@@ -100,6 +107,17 @@ class KeyCourier:
             flow.request.stream = metrics.counting(decision.audit.provider, "upload", decision.body)
         else:
             flow.request.stream = decision.body or True
+
+    def _send_to_sink(self, flow: http.HTTPFlow, answer: Answer):
+        """A refused request with a body: its body is streamed into the sink, which answers (see proxy.sink)."""
+        if self._sink is None:
+            self._sink = RefusalSink()
+        token = self._sink.park(answer)
+        host, port = self._sink.address
+        flow.request.scheme, flow.request.host, flow.request.port = "http", host, port
+        flow.request.headers = http.Headers(_encode([("host", f"{host}:{port}"), (TOKEN_HEADER, token),
+                                                     *framing_headers(flow.request.headers.items(multi=True))]))
+        flow.request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow):
         self._scrub(flow)

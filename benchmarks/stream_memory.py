@@ -4,6 +4,7 @@
 
 An encrypt rule covers the bucket, so each request is classified, given its key, re-signed and forwarded.
 The upstream is a sink on 127.0.0.1 that discards uploads and serves downloads of the same size.
+Last, the same upload to a denied bucket: keycourier refuses it without holding the body.
 """
 from __future__ import annotations
 
@@ -105,7 +106,9 @@ def main() -> None:
 endpoints: [{{host: "127.0.0.1:{port}", provider: s3}}]
 keys: {{bench: {{file: {work}/bench.key}}}}
 credentials: {{app: {{file: {work}/app.yaml}}}}
-rules: [{{match: {{provider: s3, bucket: bench}}, action: encrypt, key: bench}}]
+rules:
+  - {{match: {{provider: s3, bucket: bench}}, action: encrypt, key: bench}}
+  - {{match: {{provider: s3}}, action: deny}}
 """
     (work / "conf").mkdir()
     proxy = Keycourier(work, work / "conf", policy, upstream_ca=work / "ca.pem")
@@ -134,6 +137,13 @@ rules: [{{match: {{provider: s3, bucket: bench}}, action: encrypt, key: bench}}]
         assert received == size
         download_seconds = time.monotonic() - start
         print(f"GET {size / 2**30:.1f} GiB: {size / download_seconds / 2**20:.0f} MiB/s, "
+              f"keycourier peak RSS {memory_kib(proxy.process.pid)['VmHWM'] / 1024:.0f} MiB")
+
+        denied = f"https://127.0.0.1:{port}/denied/object.bin"
+        start = time.monotonic()
+        response = session.put(denied, data=Upload(size), headers=signed_headers("PUT", denied), timeout=600)
+        assert response.status_code == 403, response.text
+        print(f"refused PUT {size / 2**30:.1f} GiB (deny rule): answered 403 after {time.monotonic() - start:.1f} s, "
               f"keycourier peak RSS {memory_kib(proxy.process.pid)['VmHWM'] / 1024:.0f} MiB")
     finally:
         proxy.stop()

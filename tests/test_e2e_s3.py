@@ -512,3 +512,14 @@ def test_azure_cpk_headers_sent_to_s3_are_translated_into_sse_c(app_env, s3):
     assert read["Body"].read() == b"in another dialect"
     assert read["ResponseMetadata"]["HTTPHeaders"]["x-ms-server-encrypted"] == "true"
     assert "x-amz-server-side-encryption-customer-key-md5" not in read["ResponseMetadata"]["HTTPHeaders"]
+
+
+@pytest.mark.slow
+def test_a_large_refused_upload_is_answered_and_the_connection_stays_usable(app_env, s3):
+    """The refused body is streamed away (proxy.sink), not held; nothing reaches the upstream."""
+    client = app_client(s3.endpoint_url)
+    s3.clear_requests()
+    assert error_of(lambda: client.put_object(Bucket="secret-x", Key="big.bin", Body=os.urandom(32 * MiB))) == (403, "AccessDenied")
+    assert s3.requests == []
+    client.put_object(Bucket="public-web", Key="after-refusal.txt", Body=b"still fine")
+    assert s3.stored("public-web", "after-refusal.txt").size == 10
