@@ -87,13 +87,13 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(request, rule)
         plan = plan_encryption(dialect, operation, rule, source_rule)
-        check_tls(request, client_tls=client_tls, client_sends_key=bool(client_keys),
+        check_tls(request, client_tls=client_tls, client_sends_key=any(client_keys.values()),
                   injects_key=bool(plan.key or plan.source_key))
         encryption = get_keys(policy, secrets, plan)
         if encryption.key:
             key = encryption.key
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
-        translated, encryption, respond_as = translate_dialect(request, dialect, operation, encryption, policy)
+        translated, encryption, respond_as = translate_dialect(request, client_keys, dialect, operation, encryption, policy)
         if respond_as:
             audit = replace(audit, translation=f"{respond_as.dialect}->{dialect.PROVIDER}")
         rendered, added = render_dialect(dialect, translated, encryption)
@@ -141,11 +141,12 @@ def _named(where: ObjectRef) -> str:
     return f"{'account ' + where.account + ' ' if where.account else ''}bucket {where.bucket}"
 
 
-def check_client_keys(request: Request, rule: Rule) -> list[str]:
-    """The key headers the application sent itself, in any dialect; refused where keycourier supplies the key."""
-    client_keys = [name for dialect in DIALECTS.values() for name in dialect.client_key_headers(request)]
-    if client_keys and rule.action == "encrypt":
-        raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(client_keys)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
+def check_client_keys(request: Request, rule: Rule) -> dict[str, list[str]]:
+    """The key headers the application sent itself, by dialect; refused where keycourier supplies the key."""
+    client_keys = {name: dialect.client_key_headers(request) for name, dialect in DIALECTS.items()}
+    sent = [header for headers in client_keys.values() for header in headers]
+    if sent and rule.action == "encrypt":
+        raise Refused(400, "InvalidRequest", f"the request carries its own key headers ({', '.join(sent)}) but keycourier's {rule.name} supplies the key for this bucket; remove them from the application", "client_key")
     return client_keys
 
 
@@ -188,12 +189,12 @@ def get_key(policy: Policy, secrets: Secrets, name: str | None) -> Key | None:
         raise Refused(503, "ServiceUnavailable", f"cannot get key: {exc}; the request was not forwarded", "key_unavailable") from None
 
 
-def translate_dialect(request: Request, dialect: ModuleType, operation: Operation, encryption: Encryption,
-                      policy: Policy) -> tuple[Request, Encryption, RespondAs | None]:
+def translate_dialect(request: Request, client_keys: dict[str, list[str]], dialect: ModuleType, operation: Operation,
+                      encryption: Encryption, policy: Policy) -> tuple[Request, Encryption, RespondAs | None]:
     """A key the client sent in another provider's dialect, taken out of the request to be rendered in
     this one's (S3 SSE-C <-> Azure CPK; to OSS, the KMS key the policy maps the key to)."""
-    spoken = [other for other in DIALECTS.values()
-              if other is not dialect and other.CUSTOMER_KEYS and other.client_key_headers(request)]
+    spoken = [other for name, other in DIALECTS.items()
+              if other is not dialect and other.CUSTOMER_KEYS and client_keys[name]]
     if not spoken:
         return request, encryption, None
     if len(spoken) > 1:
@@ -203,7 +204,7 @@ def translate_dialect(request: Request, dialect: ModuleType, operation: Operatio
         sent = client_dialect.parse_client_key(request)
     except BadRequest as exc:
         raise Refused(400, "InvalidRequest", f"the {client_dialect.PROVIDER} key headers are invalid: {exc}", "translation") from None
-    stripped = request.with_header_map({name: None for name in client_dialect.client_key_headers(request)})
+    stripped = request.with_header_map({name: None for name in client_keys[client_dialect.PROVIDER]})
     if not operation.accepts_encryption:
         return stripped, encryption, None  # e.g. a delete: the provider takes no key here
     key = sent.key or sent.source_key

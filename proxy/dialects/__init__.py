@@ -1,6 +1,7 @@
 """Provider dialects. Each module knows one provider's operations and encryption headers."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 from xml.sax.saxutils import escape
@@ -76,6 +77,21 @@ def name_s3_style_operation(request, bucket: str | None, object_key: str | None,
     if object_key is None:
         return bucket_operation(method, params)
     return object_operation(method, params, request)
+
+
+def s3_style_location(request, endpoint_host: str, service_host: re.Pattern, virtual_hosted: re.Pattern) -> tuple[str | None, str | None]:
+    """Bucket and object key of an S3-style API (S3, OSS): virtual-hosted under the provider's domain
+    (`virtual_hosted` names the bucket) or a `*.<domain>` endpoint, else path style (/bucket/key)."""
+    path = unquote(request.path).removeprefix("/")
+    host = request.host.lower()
+    bucket = None
+    if not service_host.match(host):
+        virtual = virtual_hosted.match(host)
+        bucket = virtual["bucket"] if virtual else bucket_in_host(host, endpoint_host)
+    if bucket:
+        return bucket, path or None
+    bucket, _, object_key = path.partition("/")
+    return bucket or None, object_key or None
 
 
 def copy_source_ref(request, header: str) -> ObjectRef:

@@ -7,10 +7,9 @@ InvalidArgument on any operation but the ones in ENCRYPTION_OPERATIONS, so it is
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
 
-from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, bucket_in_host, copy_source_ref,
-                             name_s3_style_operation, xml_error_body)
+from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
+                             name_s3_style_operation, s3_style_location, xml_error_body)
 from proxy.message import Request
 
 PROVIDER = "oss"
@@ -44,25 +43,11 @@ _BUCKET_VERBS = {"GET": "ListObjects", "PUT": "PutBucket", "DELETE": "DeleteBuck
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
-    bucket, object_key = _bucket_and_key(request, endpoint_host)
+    bucket, object_key = s3_style_location(request, endpoint_host, _SERVICE_HOST, _VIRTUAL_HOSTED)
     name = name_s3_style_operation(request, bucket, object_key, _bucket_operation, _object_operation)
     copy_source = copy_source_ref(request, "x-oss-copy-source") if name in ("CopyObject", "UploadPartCopy") else None
     return Operation(PROVIDER, name, bucket, object_key, copy_source,
                      accepts_encryption=name in ENCRYPTION_OPERATIONS)
-
-
-def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
-    path = unquote(request.path)
-    host = request.host.lower()
-    bucket = None
-    if not _SERVICE_HOST.match(host):
-        virtual = _VIRTUAL_HOSTED.match(host)
-        bucket = virtual["bucket"] if virtual else bucket_in_host(host, endpoint_host)
-    if bucket:
-        return bucket, path.removeprefix("/") or None
-    # Path style: /bucket/key, as oss2 addresses IP and localhost endpoints.
-    bucket, _, object_key = path.removeprefix("/").partition("/")
-    return bucket or None, object_key or None
 
 
 def _bucket_operation(method: str, params: set[str]) -> str:

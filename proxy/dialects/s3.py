@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
 
-from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, bucket_in_host, copy_source_ref,
-                             name_s3_style_operation, parse_customer_key, xml_error_body)
+from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
+                             name_s3_style_operation, s3_style_location, parse_customer_key, xml_error_body)
 from proxy.keys import Key
 from proxy.message import Request
 
@@ -64,28 +63,10 @@ UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
 def classify(request: Request, endpoint_host: str = "") -> Operation:
     """`endpoint_host` is the policy endpoint's host glob: `*.<domain>` there means buckets may be
     addressed virtual-hosted under <domain>, as boto3 does by default for custom endpoint names."""
-    bucket, object_key = _bucket_and_key(request, endpoint_host)
+    bucket, object_key = s3_style_location(request, endpoint_host, _AWS_SERVICE_HOST, _VIRTUAL_HOSTED)
     name = name_s3_style_operation(request, bucket, object_key, _bucket_operation, _object_operation)
     copy_source = copy_source_ref(request, "x-amz-copy-source") if name in COPY_OPERATIONS else None
     return Operation(PROVIDER, name, bucket, object_key, copy_source, accepts_encryption=name in KEY_OPERATIONS)
-
-
-def _bucket_and_key(request: Request, endpoint_host: str) -> tuple[str | None, str | None]:
-    path = unquote(request.path)
-    bucket = _bucket_in_host(request.host.lower(), endpoint_host)
-    if bucket:
-        return bucket, path.removeprefix("/") or None
-    # Path style: /bucket/key (service hosts, IP addresses, custom endpoints named exactly).
-    bucket, _, object_key = path.removeprefix("/").partition("/")
-    return bucket or None, object_key or None
-
-
-def _bucket_in_host(host: str, endpoint_host: str) -> str | None:
-    if _AWS_SERVICE_HOST.match(host):
-        return None
-    if virtual := _VIRTUAL_HOSTED.match(host):
-        return virtual["bucket"]
-    return bucket_in_host(host, endpoint_host)
 
 
 def _bucket_operation(method: str, params: set[str]) -> str:
