@@ -1,19 +1,29 @@
-"""The mitmproxy addon: adapts mitmproxy's hooks to proxy.pipeline. No decisions are made here."""
+"""The mitmproxy addon: adapts mitmproxy's hooks to keycourier.pipeline. No decisions are made here.
+
+Also a mitmproxy script: `mitmdump -s addons/keycourier.py --set keycourier_policies=policies.yaml`.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import weakref
+
+if __name__.startswith("__mitmproxy_script__"):
+    # mitmproxy puts a script's folder first on sys.path; this file's name would shadow the keycourier package.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != _here]
 
 from mitmproxy import ctx, exceptions, http
 
-from proxy import metrics, pipeline
-from proxy.audit import FORMATS, audit_record, format_record
-from proxy.keys import Secrets
-from proxy.message import Request
-from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes
-from proxy.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers, translate_response
-from proxy.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
+from keycourier import metrics, pipeline
+from keycourier.audit import FORMATS, audit_record, format_record
+from keycourier.keys import Secrets
+from keycourier.message import Request
+from keycourier.policy import PolicyError, PolicyFile, endpoint_host_regexes
+from keycourier.response import ERROR_BODY_LIMIT, explain_upstream_error, header_safe, redact_headers, translate_response
+from keycourier.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
 
 log = logging.getLogger("keycourier")
 
@@ -190,3 +200,6 @@ def _redacted(headers: http.Headers, secret_names) -> http.Headers:
 
 def _encode(headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape")) for k, v in headers]
+
+
+addons = [KeyCourier()]  # what mitmproxy loads from this file as a script

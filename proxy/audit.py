@@ -5,9 +5,9 @@ import json
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-from proxy.message import Request
-from proxy.pipeline import Audit
-from proxy.response import header_safe
+from keycourier.message import Request
+from keycourier.pipeline import Audit
+from keycourier.response import header_safe
 
 FORMATS = ("text", "json")
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from proxy.policy import PolicyError, load_policy
+from keycourier.policy import PolicyError, load_policy
 
 DEFAULT_CONFDIR = Path("~/.keycourier").expanduser()
 CA_CERT_NAME = "mitmproxy-ca-cert.pem"
@@ -76,7 +76,7 @@ def ensure_ca(confdir: Path) -> Path:
 
 
 def _keygen(args) -> int:
-    from proxy.keys import generate_key_file
+    from keycourier.keys import generate_key_file
 
     try:
         generate_key_file(args.file)
@@ -88,7 +88,7 @@ def _keygen(args) -> int:
 
 
 def _run(args) -> int:
-    from proxy.tls import upstream_trust_bundle
+    from keycourier.tls import upstream_trust_bundle
 
     try:
         load_policy(args.policies)
@@ -120,7 +120,7 @@ async def _serve(options: dict) -> int:
     from mitmproxy.addons import errorcheck
     from mitmproxy.options import Options
 
-    from addons.keycourier import KeyCourier
+    from keycourier.addons.keycourier import KeyCourier
 
     # As mitmdump does: the root logger passes everything, mitmproxy's terminal handler filters by verbosity.
     logging.getLogger().setLevel(logging.DEBUG)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from proxy import metrics
-from proxy.policy import Policy, SecretSpec, VaultSecretRef
-from proxy.vault import Vault, VaultError
+from keycourier import metrics
+from keycourier.policy import Policy, SecretSpec, VaultSecretRef
+from keycourier.vault import Vault, VaultError
 
 KEY_BYTES = 32
 TRANSIENT_VAULT_OUTCOMES = frozenset({"unreachable", "sealed"})

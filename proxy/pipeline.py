@@ -13,16 +13,16 @@ from datetime import datetime, timezone
 from types import ModuleType
 from typing import NamedTuple
 
-from proxy.dialects import OTHER_OPERATION, PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
-from proxy.keys import Key, KeyUnavailable, Secrets
-from proxy.message import Request
-from proxy.policy import Endpoint, Policy, Rule
-from proxy.refusals import Refusal, Refused
-from proxy.tls import check_tls
+from keycourier.dialects import OTHER_OPERATION, PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
+from keycourier.keys import Key, KeyUnavailable, Secrets
+from keycourier.message import Request
+from keycourier.policy import Endpoint, Policy, Rule
+from keycourier.refusals import Refusal, Refused
+from keycourier.tls import check_tls
 
 # A provider is a dialect module plus a signer module of the same name.
-DIALECTS: dict[str, ModuleType] = {name: importlib.import_module(f"proxy.dialects.{name}") for name in PROVIDERS}
-SIGNERS: dict[str, ModuleType] = {name: importlib.import_module(f"proxy.signers.{name}") for name in PROVIDERS}
+DIALECTS: dict[str, ModuleType] = {name: importlib.import_module(f"keycourier.dialects.{name}") for name in PROVIDERS}
+SIGNERS: dict[str, ModuleType] = {name: importlib.import_module(f"keycourier.signers.{name}") for name in PROVIDERS}
 log = logging.getLogger("keycourier")
 SECRET_HEADERS = tuple(name for dialect in DIALECTS.values() for name in dialect.SECRET_HEADERS)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import yaml
 
-from proxy.dialects import PROVIDERS
+from keycourier.dialects import PROVIDERS
 
 ACTIONS = ("encrypt", "passthrough", "deny")
 DEFAULT_KEY_CACHE_TTL = 300.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.pipeline import DIALECTS, Audit, RespondAs
+from keycourier.pipeline import DIALECTS, Audit, RespondAs
 
 REDACTED = "[redacted by keycourier]"
 ERROR_BODY_LIMIT = 64 * 1024  # provider error documents are far smaller

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import certifi
 
-from proxy.message import Request
-from proxy.refusals import Refused
+from keycourier.message import Request
+from keycourier.refusals import Refused
 
 
 def check_tls(request: Request, *, client_tls: bool, client_sends_key: bool, injects_key: bool) -> None:

@@ -12,8 +12,8 @@ import hvac
 import hvac.exceptions
 import requests
 
-from proxy import metrics
-from proxy.policy import VaultConfig, VaultSecretRef
+from keycourier import metrics
+from keycourier.policy import VaultConfig, VaultSecretRef
 
 
 class VaultError(Exception):

@@ -32,7 +32,7 @@ def ca_pem(ca, tmp_path_factory) -> Path:
 def keycourier_confdir(tmp_path_factory) -> Path:
     """One interception CA for the whole run, made by `keycourier ca` as a user would."""
     confdir = tmp_path_factory.mktemp("confdir")
-    subprocess.run([sys.executable, "-m", "proxy.cli", "ca", "--confdir", str(confdir)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "keycourier.cli", "ca", "--confdir", str(confdir)], check=True, capture_output=True)
     return confdir
 
 
@@ -55,7 +55,7 @@ class Keycourier:
         self.log_path = workdir / "keycourier.log"
         self.flows_path = workdir / "flows.mitm"
         self.ca_cert = confdir / "mitmproxy-ca-cert.pem"
-        command = [sys.executable, "-m", "proxy.cli", "run", "--policies", str(self.policy_path),
+        command = [sys.executable, "-m", "keycourier.cli", "run", "--policies", str(self.policy_path),
                    "--listen-port", str(self.port), "--confdir", str(confdir), "--mode", mode,
                    "--save-flows", str(self.flows_path), "--metrics-port", str(self.metrics_port)]
         if upstream_ca:

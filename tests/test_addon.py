@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from addons.keycourier import KeyCourier
-from proxy.response import REDACTED
+from keycourier.addons.keycourier import KeyCourier
+from keycourier.response import REDACTED
 from tests.test_pipeline import signed
 
 

@@ -1,8 +1,8 @@
 import json
 
-from proxy.audit import audit_record, format_record
-from proxy.message import Request
-from proxy.pipeline import Audit
+from keycourier.audit import audit_record, format_record
+from keycourier.message import Request
+from keycourier.pipeline import Audit
 
 REQUEST = Request("PUT", "https", "127.0.0.1", 9000, "/payroll-eu/q3.csv", (("host", "127.0.0.1:9000"),))
 AUDIT = Audit(provider="s3", bucket="payroll-eu", operation="PutObject", rule="rule14", action="encrypt",

@@ -6,7 +6,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def keycourier(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run([sys.executable, "-m", "keycourier.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
 def test_check_prints_one_line_per_rule():

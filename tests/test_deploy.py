@@ -10,8 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.cli import _parser
-from proxy.policy import parse_policy
+from keycourier.cli import _parser
+from keycourier.policy import parse_policy
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES_VERSION = "1.33.0"
@@ -66,7 +66,7 @@ def test_dockerfile_lints_clean_and_runs_a_real_command():
 
 
 def test_grafana_dashboard_queries_only_metrics_keycourier_exports():
-    from proxy import metrics
+    from keycourier import metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     exported = {family.name + suffix for family in metrics.REGISTRY.collect() for suffix in suffixes[family.type]}

@@ -2,9 +2,9 @@ import base64
 
 import pytest
 
-from proxy.dialects import BadRequest, Encryption, azure
-from proxy.keys import Key
-from proxy.message import Request
+from keycourier.dialects import BadRequest, Encryption, azure
+from keycourier.keys import Key
+from keycourier.message import Request
 
 # The example key and SHA-256 from Azure's announcement of customer-provided keys (docs/azure.md).
 SEED_KEY = Key("seed", "v1", base64.b64decode("MDEyMzQ1NjcwMTIzNDU2NzAxMjM0NTY3MDEyMzQ1Njc="))

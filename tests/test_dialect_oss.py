@@ -1,7 +1,7 @@
 import pytest
 
-from proxy.dialects import Encryption, oss
-from proxy.message import Request
+from keycourier.dialects import Encryption, oss
+from keycourier.message import Request
 
 
 def request(method, target, host="127.0.0.1", port=9000, **headers):

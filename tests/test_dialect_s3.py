@@ -3,10 +3,10 @@ import hashlib
 
 import pytest
 
-from proxy.dialects import BadRequest, Encryption
-from proxy.dialects import s3
-from proxy.keys import Key
-from proxy.message import Request
+from keycourier.dialects import BadRequest, Encryption
+from keycourier.dialects import s3
+from keycourier.keys import Key
+from keycourier.message import Request
 
 KEY = Key("payroll", "v1", bytes(range(32)))
 

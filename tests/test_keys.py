@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from proxy.keys import KeyUnavailable, Secrets, TtlCache, decode_key, generate_key_file
-from proxy.policy import parse_policy
+from keycourier.keys import KeyUnavailable, Secrets, TtlCache, decode_key, generate_key_file
+from keycourier.policy import parse_policy
 
 KEY = bytes(range(32))
 

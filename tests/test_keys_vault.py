@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from proxy.keys import KeyUnavailable, Secrets
-from proxy.policy import parse_policy
-from proxy.vault import Vault, VaultError
+from keycourier.keys import KeyUnavailable, Secrets
+from keycourier.policy import parse_policy
+from keycourier.vault import Vault, VaultError
 from tests.upstreams.vault import VaultServer
 
 KEY_V1, KEY_V2 = bytes(range(32)), bytes(range(100, 132))

@@ -3,9 +3,9 @@ import string
 
 from prometheus_client import generate_latest
 
-from proxy import metrics
-from proxy.pipeline import handle_request
-from proxy.keys import Secrets
+from keycourier import metrics
+from keycourier.pipeline import handle_request
+from keycourier.keys import Secrets
 from tests.test_pipeline import NOW, policy, signed  # noqa: F401  (policy is a fixture)
 
 
@@ -41,7 +41,7 @@ def test_counting_passes_bytes_through_and_counts_them():
 
 
 def test_translations_are_counted_by_dialect_pair():
-    from proxy.pipeline import Audit
+    from keycourier.pipeline import Audit
 
     labels = {"from_dialect": "s3", "to_dialect": "azure"}
     before = metrics.REGISTRY.get_sample_value("keycourier_translations_total", labels) or 0

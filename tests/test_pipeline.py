@@ -9,10 +9,10 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from proxy.keys import Secrets
-from proxy.message import Request
-from proxy.pipeline import Forward, Refuse, handle_request
-from proxy.policy import parse_policy
+from keycourier.keys import Secrets
+from keycourier.message import Request
+from keycourier.pipeline import Forward, Refuse, handle_request
+from keycourier.policy import parse_policy
 
 ACCESS_KEY, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 PAYROLL_KEY, ARCHIVE_KEY = bytes(range(32)), bytes(range(32, 64))
@@ -153,7 +153,7 @@ def test_anonymous_request_cannot_be_given_a_key(policy):
 
 
 def test_a_body_failing_mid_stream_is_spoiled_at_its_announced_length():
-    from proxy.pipeline import spoil_on_error
+    from keycourier.pipeline import spoil_on_error
 
     def resigner(data):
         if b"bad" in data:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import PolicyError, PolicyFile, endpoint_host_regexes, load_policy, parse_policy
+from keycourier.policy import PolicyError, PolicyFile, endpoint_host_regexes, load_policy, parse_policy
 
 REPO = Path(__file__).resolve().parent.parent
 

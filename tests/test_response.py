@@ -1,5 +1,5 @@
-from proxy.pipeline import Audit
-from proxy.response import REDACTED, explain_upstream_error, header_safe, redact_headers
+from keycourier.pipeline import Audit
+from keycourier.response import REDACTED, explain_upstream_error, header_safe, redact_headers
 
 
 def test_header_safe_keeps_client_input_on_one_line():
@@ -22,8 +22,8 @@ def test_a_403_on_an_sse_c_write_is_explained_in_plain_words():
 
 
 def test_azure_answer_is_translated_into_s3_sse_c_headers():
-    from proxy.pipeline import RespondAs
-    from proxy.response import translate_response
+    from keycourier.pipeline import RespondAs
+    from keycourier.response import translate_response
 
     respond_as = RespondAs("s3", md5_b64="MD5==", sha256_b64="SHA==", write=True)
     azure = [("ETag", '"x"'), ("x-ms-request-server-encrypted", "true"), ("x-ms-encryption-key-sha256", "SHA==")]

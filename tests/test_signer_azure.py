@@ -1,4 +1,4 @@
-"""proxy.signers.azure against the azure-storage-blob SDK: requests are built by the SDK and captured
+"""keycourier.signers.azure against the azure-storage-blob SDK: requests are built by the SDK and captured
 before sending, and its SharedKeyCredentialPolicy is the reference signer."""
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from azure.storage.blob import (
 from azure.storage.blob._shared import sign_string
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy, _storage_header_sort
 
-from proxy.message import Request
-from proxy.signers.azure import (
+from keycourier.message import Request
+from keycourier.signers.azure import (
     SharedKeySignature,
     SignatureError,
     body_resigner,

@@ -1,4 +1,4 @@
-"""proxy.signers.oss against oss2's own signers (the reference): Auth (V1), AuthV4, Bucket.sign_url."""
+"""keycourier.signers.oss against oss2's own signers (the reference): Auth (V1), AuthV4, Bucket.sign_url."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,8 +12,8 @@ import pytest
 from oss2.api import _UrlMaker
 from oss2.auth import _param_to_quoted_query
 
-from proxy.message import Request
-from proxy.signers.oss import (
+from keycourier.message import Request
+from keycourier.signers.oss import (
     SignatureError,
     body_resigner,
     canonicalized_resource,

@@ -1,4 +1,4 @@
-"""proxy.signers.s3 against botocore (the reference signer) and against AWS's documented examples."""
+"""keycourier.signers.s3 against botocore (the reference signer) and against AWS's documented examples."""
 from __future__ import annotations
 
 import base64
@@ -21,8 +21,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from proxy.message import Request
-from proxy.signers.s3 import (
+from keycourier.message import Request
+from keycourier.signers.s3 import (
     V2_SUBRESOURCES,
     V2_UNSIGNED_SUBRESOURCES,
     AwsChunkedResigner,

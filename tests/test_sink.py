@@ -2,7 +2,7 @@ import http.client
 
 import pytest
 
-from proxy.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
+from keycourier.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
 
 
 @pytest.fixture

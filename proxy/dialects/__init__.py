@@ -52,7 +52,7 @@ class Encryption:
 def parse_customer_key(request, prefix: str, digest_header: str, digest_of, digest_name: str):
     """The key a client sent itself in one dialect's headers (`prefix` + key, algorithm and
     `digest_header`), checked as the provider checks it; None when it sent none."""
-    from proxy.keys import Key, KeyUnavailable, decode_key
+    from keycourier.keys import Key, KeyUnavailable, decode_key
 
     encoded = request.header(prefix + "key")
     if encoded is None:

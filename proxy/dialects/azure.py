@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit
 
-from proxy.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
+from keycourier.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
                              parse_customer_key, xml_error_body)
-from proxy.keys import Key
-from proxy.message import Request
+from keycourier.keys import Key
+from keycourier.message import Request
 
 PROVIDER = "azure"
 CUSTOMER_KEYS = True  # CPK: the request carries the key itself

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 
-from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
+from keycourier.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
                              name_s3_style_operation, s3_style_location, xml_error_body)
-from proxy.message import Request
+from keycourier.message import Request
 
 PROVIDER = "oss"
 CUSTOMER_KEYS = False

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import re
 
-from proxy.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
+from keycourier.dialects import (OTHER_OPERATION, Encryption, Operation, copy_source_ref,
                              name_s3_style_operation, s3_style_location, parse_customer_key, xml_error_body)
-from proxy.keys import Key
-from proxy.message import Request
+from keycourier.keys import Key
+from keycourier.message import Request
 
 PROVIDER = "s3"
 CUSTOMER_KEYS = True  # SSE-C: the request carries the key itself

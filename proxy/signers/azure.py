@@ -4,7 +4,7 @@ customer-provided-key headers breaks the client's signature).
 
 Each step is a function named after the step in Microsoft's "Authorize with Shared Key" article, over
 the plain `Request` of proxy.message; docs/azure-sharedkey.md lists the rules relied on and where
-they are stated. The interface mirrors proxy.signers.s3 so the pipeline can treat signers alike.
+they are stated. The interface mirrors keycourier.signers.s3 so the pipeline can treat signers alike.
 
 Shared access signatures (`sig=` in the query) and Microsoft Entra bearer tokens sign no x-ms-*
 header, so headers can be added to such requests as they are: they are recognised, left unchecked
@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from typing import Literal
 from urllib.parse import unquote
 
-from proxy.message import Request
-from proxy.signers.common import SignatureError, parse_http_date, with_authorization
+from keycourier.message import Request
+from keycourier.signers.common import SignatureError, parse_http_date, with_authorization
 
 SCHEME = "SharedKey"
 LITE_SCHEME = "SharedKeyLite"

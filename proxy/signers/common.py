@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from proxy.message import Request
+from keycourier.message import Request
 
 _SECONDS = re.compile(r"[0-9]{1,12}")
 

@@ -4,7 +4,7 @@ client's signature).
 
 Each step is a function named after the step in Alibaba Cloud's documentation, over the plain
 `Request` of proxy.message; docs/oss-signatures.md lists the rules relied on and where they are
-stated. The interface is proxy.signers.s3's, so the pipeline treats both signers alike.
+stated. The interface is keycourier.signers.s3's, so the pipeline treats both signers alike.
 
 Signature V1 (HMAC-SHA1 over VERB, Content-MD5, Content-Type, Date, CanonicalizedOSSHeaders and
 CanonicalizedResource) travels in an `Authorization: OSS` header or a presigned URL, where Expires
@@ -24,8 +24,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
-from proxy.message import Request
-from proxy.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
+from keycourier.message import Request
+from keycourier.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
                                   form_decode, parse_http_date, query_pairs, require_parameters,
                                   seconds, uri_encode, with_authorization)
 

@@ -25,8 +25,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
-from proxy.message import Request
-from proxy.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
+from keycourier.message import Request
+from keycourier.signers.common import (SignatureError, auth_query_parameters, check_presigned_window,
                                   form_decode, parse_http_date, query_pairs, require_parameters,
                                   seconds, uri_encode, with_authorization)
 
