@@ -87,6 +87,19 @@ def _keygen(args) -> int:
     return 0
 
 
+def mode_problem(mode: str) -> str | None:
+    """Why keycourier cannot run in `mode`: it polices HTTP, as a regular proxy or an HTTP(S) reverse proxy."""
+    from mitmproxy.proxy import mode_specs
+
+    try:
+        spec = mode_specs.ProxyMode.parse(mode)
+    except ValueError as exc:
+        return str(exc)
+    if isinstance(spec, mode_specs.RegularMode) or (isinstance(spec, mode_specs.ReverseMode) and spec.scheme in ("http", "https")):
+        return None
+    return "keycourier runs as a regular proxy (regular) or an HTTP(S) reverse proxy (reverse:https://host[:port])"
+
+
 def _run(args) -> int:
     from keycourier.tls import upstream_trust_bundle
 
@@ -94,6 +107,10 @@ def _run(args) -> int:
         load_policy(args.policies)
     except PolicyError as exc:
         print(f"keycourier: invalid policy: {exc}", file=sys.stderr)
+        return 1
+    problem = mode_problem(args.mode)
+    if problem:
+        print(f"keycourier: --mode {args.mode}: {problem}", file=sys.stderr)
         return 1
     ensure_ca(args.confdir)
     options = {
@@ -120,7 +137,9 @@ async def _serve(options: dict) -> int:
     from mitmproxy.addons import errorcheck
     from mitmproxy.options import Options
 
-    from keycourier.addons.keycourier import KeyCourier
+    from mitmproxy.addons.next_layer import NextLayer
+
+    from keycourier.addons.keycourier import EndpointLayers, KeyCourier
 
     # As mitmdump does: the root logger passes everything, mitmproxy's terminal handler filters by verbosity.
     logging.getLogger().setLevel(logging.DEBUG)
@@ -129,8 +148,11 @@ async def _serve(options: dict) -> int:
     proxy = master.Master(Options(), event_loop=asyncio.get_running_loop(), with_termlog=True)
     # keycourier first: it scrubs key headers before any other addon (save) sees a flow. No dumper:
     # keycourier's audit line replaces it, and unlike mitmproxy's it never prints object names.
-    proxy.addons.add(KeyCourier())
-    proxy.addons.add(*mitmproxy_addons.default_addons())
+    keycourier = KeyCourier()
+    proxy.addons.add(keycourier)
+    # keycourier decides the layers of every connection to a known host (never raw for an object store).
+    proxy.addons.add(*(EndpointLayers(keycourier) if isinstance(addon, NextLayer) else addon
+                       for addon in mitmproxy_addons.default_addons()))
     proxy.addons.add(errorcheck.ErrorCheck())
     try:
         proxy.options.update(**options)

@@ -9,8 +9,11 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -19,6 +22,7 @@ from keycourier.policy import Policy, SecretSpec, VaultSecretRef
 from keycourier.vault import Vault, VaultError
 
 KEY_BYTES = 32
+T = TypeVar("T")
 TRANSIENT_VAULT_OUTCOMES = frozenset({"unreachable", "sealed"})
 
 
@@ -87,35 +91,97 @@ def read_private_file(path: Path, what: str) -> str:
         raise KeyUnavailable(f"cannot read {what} file {path}: {exc.strerror}") from None
 
 
+class NotCached(Exception):
+    """What a request needs is not in the cache yet. Its loads run off the caller's thread; wait for
+    them (`wait()`, or await them as futures) and ask again. No request ever blocks another's."""
+
+    def __init__(self, loads: list[Future]):
+        super().__init__("secrets are being loaded")
+        self.loads = loads
+
+    def wait(self) -> None:
+        futures.wait(self.loads)
+
+
+def blocking(call: Callable[[], T]) -> T:
+    """`call()`, waiting for whatever it needs to be loaded: for callers that may block (CLI, tests)."""
+    while True:
+        try:
+            return call()
+        except NotCached as missing:
+            missing.wait()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    value: object | None
+    error: KeyUnavailable | None
+    fresh_until: float  # answered from the cache until then
+    expires: float  # a value's own expiry; the stale grace counts from here
+
+
+MIN_TTL = 1.0  # a value just loaded is served at least this long, so the request that waited for it gets it
+
+
 class TtlCache:
-    """Values live `ttl` seconds. Concurrent misses for one entry make one load, not many.
-    While the source is unreachable, an expired value is still served for `stale_for` seconds (as Vault
-    Agent's cache does): it is the same key, so this keeps encryption available, never weakens it."""
+    """Values live `ttl` seconds; failures `failure_ttl` seconds, so concurrent and repeated misses of
+    one entry make one load and share its result, failure included. Loads run in a small pool of their
+    own, never on the caller's thread. While the source is unreachable, an expired value is still
+    served for `stale_for` seconds past its expiry (as Vault Agent's cache does): it is the same key,
+    so this keeps encryption available, never weakens it. A definite no (not found, denied) is believed."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, loaders: int = 4):
         self.clock = clock
-        self._entries: dict[Hashable, tuple[float, object]] = {}
-        self._locks: dict[Hashable, threading.Lock] = {}
+        self._entries: dict[Hashable, _Entry] = {}
+        self._loading: dict[Hashable, Future] = {}
         self._guard = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="keycourier-secrets")
 
-    def get(self, entry: Hashable, ttl: float, load: Callable[[], object], stale_for: float = 0.0):
+    def get(self, entry: Hashable, ttl: float, load: Callable[[], object], *, stale_for: float = 0.0,
+            failure_ttl: float = 0.0):
+        """The cached value; raises the cached failure; else starts one load and raises NotCached."""
         with self._guard:
-            lock = self._locks.setdefault(entry, threading.Lock())
-        with lock:
             cached = self._entries.get(entry)
-            if cached and self.clock() < cached[0]:
+            if cached and self.clock() < cached.fresh_until:
+                if cached.error:
+                    raise KeyUnavailable(str(cached.error), transient=cached.error.transient)
                 metrics.KEY_CACHE.labels("hit").inc()
-                return cached[1]
-            try:
-                value = load()
-            except KeyUnavailable as exc:
-                if cached and exc.transient and self.clock() < cached[0] + stale_for:
-                    metrics.KEY_CACHE.labels("stale").inc()
-                    return cached[1]
-                raise
+                return cached.value
+            loading = self._loading.get(entry)
+            if loading is None:
+                loading = self._loading[entry] = Future()
+                self._pool.submit(self._load, entry, loading, ttl, load, stale_for, failure_ttl)
+        raise NotCached([loading])
+
+    def _load(self, entry: Hashable, loading: Future, ttl: float, load: Callable[[], object], stale_for: float,
+              failure_ttl: float) -> None:
+        try:
+            value = load()
+        except KeyUnavailable as exc:
+            self._store_failure(entry, exc, stale_for, failure_ttl)
+        except Exception as exc:  # a bug in a loader must not leave its waiters hanging
+            self._store_failure(entry, KeyUnavailable(f"unexpected {type(exc).__name__}"), stale_for, failure_ttl)
+        else:
             metrics.KEY_CACHE.labels("miss").inc()
-            self._entries[entry] = (self.clock() + ttl, value)
-            return value
+            now = self.clock()
+            with self._guard:
+                self._entries[entry] = _Entry(value, None, now + max(ttl, MIN_TTL), now + ttl)
+        finally:
+            with self._guard:
+                self._loading.pop(entry, None)
+            loading.set_result(None)
+
+    def _store_failure(self, entry: Hashable, exc: KeyUnavailable, stale_for: float, failure_ttl: float) -> None:
+        now = self.clock()
+        retry_at = now + max(failure_ttl, MIN_TTL)
+        with self._guard:
+            previous = self._entries.get(entry)
+            if previous and previous.value is not None and exc.transient and now < previous.expires + stale_for:
+                metrics.KEY_CACHE.labels("stale").inc()
+                self._entries[entry] = _Entry(previous.value, None, min(retry_at, previous.expires + stale_for),
+                                              previous.expires)
+            else:
+                self._entries[entry] = _Entry(None, exc, retry_at, now)
 
 
 class Secrets:
@@ -128,17 +194,43 @@ class Secrets:
         self._vault_lock = threading.Lock()
 
     def key(self, policy: Policy, spec: SecretSpec) -> Key:
-        return self.cache.get(("key", spec), policy.key_cache_ttl, lambda: self._load_key(policy, spec),
-                              policy.key_cache_stale_ttl)
+        return self._cached(policy, ("key", spec), lambda: self._load_key(policy, spec))
 
     def credential_for(self, policy: Policy, access_key_id: str) -> Credential | None:
-        """The credential with this access key id, or None if the policy lists none."""
+        """The credential with this access key id, or None if the policy lists none. A credential that
+        declares its id is the only one loaded for it; the others are loaded (each on its own, a broken
+        one failing only requests that may be signed with it) until one has the id."""
+        declared = policy.credential_ids.get(access_key_id)
+        if declared:
+            return self._credential(policy, declared)
+        pending: list[Future] = []
+        broken: list[str] = []
         for spec in policy.credentials.values():
-            credential = self.cache.get(("credential", spec), policy.key_cache_ttl,
-                                        lambda spec=spec: self._load_credential(policy, spec), policy.key_cache_stale_ttl)
+            if spec.declared_id:
+                continue
+            try:
+                credential = self._credential(policy, spec)
+            except NotCached as missing:
+                pending += missing.loads
+                continue
+            except KeyUnavailable as exc:
+                broken.append(str(exc))
+                continue
             if credential.access_key_id == access_key_id:
                 return credential
+        if pending:
+            raise NotCached(pending)
+        if broken:
+            raise KeyUnavailable(f"no readable credential has access key id {access_key_id}, and "
+                                 f"{'; '.join(broken)}")
         return None
+
+    def _credential(self, policy: Policy, spec: SecretSpec) -> Credential:
+        return self._cached(policy, ("credential", spec), lambda: self._load_credential(policy, spec))
+
+    def _cached(self, policy: Policy, entry: Hashable, load: Callable[[], object]):
+        return self.cache.get(entry, policy.key_cache_ttl, load, stale_for=policy.key_cache_stale_ttl,
+                              failure_ttl=policy.key_cache_failure_ttl)
 
     def _load_key(self, policy: Policy, spec: SecretSpec) -> Key:
         if spec.file:
@@ -159,7 +251,11 @@ class Secrets:
             fields, _ = self._read_vault(policy, spec.vault, what)
         for key_id, secret in (("access_key_id", "secret_access_key"), ("account_name", "account_key")):
             if isinstance(fields, dict) and {key_id, secret} <= fields.keys():
-                return Credential(spec.name, str(fields[key_id]), str(fields[secret]))
+                credential = Credential(spec.name, str(fields[key_id]), str(fields[secret]))
+                if spec.declared_id not in (None, credential.access_key_id):
+                    raise KeyUnavailable(f"{what} holds {key_id} {credential.access_key_id}, "
+                                         f"not {spec.declared_id} as the policy declares")
+                return credential
         raise KeyUnavailable(f"{what} needs the fields access_key_id and secret_access_key "
                              "(Azure: account_name and account_key)")
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from types import ModuleType
 from typing import NamedTuple
 
+from keycourier.destination import Destination, EndpointAddresses, Interception, intercept
 from keycourier.dialects import OTHER_OPERATION, PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
 from keycourier.keys import Key, KeyUnavailable, Secrets
 from keycourier.message import Request
@@ -72,21 +73,25 @@ class Refuse:
     audit: Audit
 
 
-def handle_request(request: Request, *, client_tls: bool, policy: Policy, secrets: Secrets,
-                   now: datetime | None = None) -> Forward | Refuse:
-    endpoint = policy.endpoint_for(request.host, request.port)
+def handle_request(request: Request, *, client_tls: bool, destination: Destination, policy: Policy,
+                   addresses: EndpointAddresses, secrets: Secrets, now: datetime | None = None) -> Forward | Refuse:
+    """`request.host` is `destination.host`, canonical. Raises keys.NotCached when a key or credential
+    must be loaded first: the caller waits for it without blocking other requests and asks again."""
+    interception = intercept(policy, addresses, destination)
+    endpoint = interception.endpoint
     if endpoint is None:
         return Forward(request, audit=Audit(outcome="not_an_endpoint"))
     dialect = DIALECTS[endpoint.provider]
     audit = Audit(provider=endpoint.provider)
     try:
+        check_form(request, interception)
         operation = classify(request, dialect, endpoint)
         audit = replace(audit, account=operation.account, bucket=operation.bucket, operation=operation.name)
-        rule, source_rule = match_policy(policy, operation)
+        rule, source_rule = match_policy(policy, dialect, operation)
         audit = replace(audit, rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(request, rule)
-        plan = plan_encryption(dialect, operation, rule, source_rule)
+        plan = plan_encryption(dialect, request, operation, rule, source_rule)
         check_tls(request, client_tls=client_tls, client_sends_key=any(client_keys.values()),
                   injects_key=bool(plan.key or plan.source_key))
         encryption = get_keys(policy, secrets, plan)
@@ -105,15 +110,50 @@ def handle_request(request: Request, *, client_tls: bool, policy: Policy, secret
         return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
 
 
+# Limits on what keycourier parses and re-signs (docs/security.md); providers allow less (docs/paths.md).
+MAX_HEADERS = 200
+MAX_HEADER_BYTES = 32 * 1024
+MAX_TARGET_BYTES = 16 * 1024
+# The methods the object-storage APIs define; anything else is refused where a rule encrypts or denies.
+STORAGE_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def check_form(request: Request, interception: Interception) -> None:
+    """What must hold before keycourier can read a request exactly as the provider will."""
+    if interception.refusal:
+        raise Refused(400, "InvalidRequest", interception.refusal, "unclassifiable")
+    if len(request.target) > MAX_TARGET_BYTES:
+        raise Refused(414, "RequestURITooLong", f"the request target is longer than {MAX_TARGET_BYTES} bytes", "too_large")
+    if len(request.headers) > MAX_HEADERS or sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEADER_BYTES:
+        raise Refused(400, "RequestHeaderSectionTooLarge",
+                      f"the request has more than {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them", "too_large")
+    if sum(name.lower() == "host" for name, _ in request.headers) > 1:
+        raise Refused(400, "InvalidRequest", "the request has more than one Host header", "unclassifiable")
+    if request.header("upgrade") is not None:
+        raise Refused(400, "InvalidRequest", "object stores take no protocol upgrades; keycourier relays only HTTP to them", "unclassifiable")
+
+
+def is_object_data(audit: Audit, status: int) -> bool:
+    """An answer whose body is the application's own object: passed on byte for byte, never scrubbed."""
+    return status < 300 and audit.operation in DIALECTS[audit.provider].DATA_READS
+
+
 def classify(request: Request, dialect: ModuleType, endpoint: Endpoint) -> Operation:
     try:
         return dialect.classify(request, endpoint.host)
     except BadRequest as exc:
-        raise Refused(400, "InvalidRequest", str(exc), "bad_request") from None
+        raise Refused(400, "InvalidRequest", str(exc), "unclassifiable") from None
 
 
-def match_policy(policy: Policy, operation: Operation) -> tuple[Rule, Rule | None]:
-    """The rule for the request's own object, and for a copy's source object."""
+def match_policy(policy: Policy, dialect: ModuleType, operation: Operation) -> tuple[Rule, Rule | None]:
+    """The rule for the request's own object, and for a copy's source object. Operations that name their
+    objects in the body (bulk deletes, batches) get the strictest rule any of those objects could have."""
+    if operation.name in dialect.BULK_OPERATIONS:
+        rule = policy.strictest_rule_for(operation.provider, operation.bucket, operation.account)
+        if rule is None:
+            raise Refused(403, "AccessDenied", f"no rule in the policy covers {_named(operation.target)}", "no_rule")
+        return rule, None
     rule = _rule_for(policy, operation.provider, operation.target)
     source_rule = _rule_for(policy, operation.provider, operation.copy_source) if operation.copy_source else None
     return rule, source_rule
@@ -157,13 +197,17 @@ class EncryptionPlan(NamedTuple):
     managed_key_id: str | None = None
 
 
-def plan_encryption(dialect: ModuleType, operation: Operation, rule: Rule, source_rule: Rule | None) -> EncryptionPlan:
+def plan_encryption(dialect: ModuleType, request: Request, operation: Operation, rule: Rule,
+                    source_rule: Rule | None) -> EncryptionPlan:
     """What the request must carry, by the rules for its object and for a copy's source."""
     encrypting, source_encrypted = rule.action == "encrypt", bool(source_rule and source_rule.action == "encrypt")
-    unencryptable = operation.name in dialect.UNENCRYPTABLE_WRITES or (operation.object_key and operation.name == OTHER_OPERATION)
+    # Fail closed on what keycourier cannot name: an unknown operation could write an object.
+    unknown = operation.name == OTHER_OPERATION and (operation.object_key or request.method not in READ_METHODS)
+    unencryptable = operation.name in dialect.UNENCRYPTABLE_WRITES or unknown or request.method not in STORAGE_METHODS
     if encrypting and unencryptable:
         # Fail closed: what keycourier cannot give encryption headers must not write into an encrypt bucket.
-        raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {operation.name} request ({operation.provider})", "unencryptable")
+        what = operation.name if request.method in STORAGE_METHODS else f"{request.method[:20]!r}"
+        raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {what} request ({operation.provider})", "unencryptable")
     if not dialect.CUSTOMER_KEYS:
         if encrypting and operation.accepts_encryption and not rule.oss_sse:
             # Fail closed: an encrypt rule that cannot say how must not let plaintext through.

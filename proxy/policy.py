@@ -10,10 +10,13 @@ from typing import Any, Literal
 import yaml
 
 from keycourier.dialects import PROVIDERS
+from keycourier.hostnames import canonical_host
 
 ACTIONS = ("encrypt", "passthrough", "deny")
+ACTIONS_BY_STRICTNESS = ("passthrough", "encrypt", "deny")
 DEFAULT_KEY_CACHE_TTL = 300.0
 DEFAULT_KEY_CACHE_STALE_TTL = 300.0
+DEFAULT_KEY_CACHE_FAILURE_TTL = 5.0
 
 
 class PolicyError(ValueError):
@@ -44,6 +47,7 @@ class SecretSpec:
     line: int
     vault: VaultSecretRef | None = None
     file: Path | None = None
+    declared_id: str | None = None  # a credential's access key id (Azure: account name), given in the policy
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,17 @@ class Endpoint:
     region: str | None = None  # signing region, where the host name does not tell it
 
     def matches(self, host: str, port: int) -> bool:
+        """`host` in canonical form (keycourier.hostnames)."""
         pattern = glob_regex(self.host)
         return bool(pattern.fullmatch(f"{host}:{port}") or (":" not in self.host and pattern.fullmatch(host)))
 
+    def takes_port(self, port: int) -> bool:
+        return ":" not in self.host or bool(glob_regex(self.host.rpartition(":")[2]).fullmatch(str(port)))
+
 
 OSS_SSE = ("AES256", "SM4", "KMS")
+# A credential may say whose it is, so a request loads only the credential it is signed with.
+CREDENTIAL_IDS = ("access_key_id", "account_name")
 
 
 @dataclass(frozen=True)
@@ -100,9 +110,7 @@ class Rule:
         return f"rule{self.line}"
 
     def matches(self, provider: str, bucket: str | None, object_key: str | None, account: str | None = None) -> bool:
-        if self.provider != "*" and self.provider != provider:
-            return False
-        if account is not None and not glob_regex(self.account).fullmatch(account):
+        if not self.may_cover(provider, account):
             return False
         if bucket is None:
             return self.bucket == "*"
@@ -110,6 +118,9 @@ class Rule:
             return False
         # Bucket-level requests (listings, bucket calls) match on the bucket alone.
         return object_key is None or object_key.startswith(self.prefix)
+
+    def may_cover(self, provider: str, account: str | None) -> bool:
+        return self.provider in ("*", provider) and (account is None or bool(glob_regex(self.account).fullmatch(account)))
 
 
 @dataclass(frozen=True)
@@ -122,13 +133,16 @@ class Policy:
     rules: tuple[Rule, ...]
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
     key_cache_stale_ttl: float = DEFAULT_KEY_CACHE_STALE_TTL
+    key_cache_failure_ttl: float = DEFAULT_KEY_CACHE_FAILURE_TTL
     # Translation to OSS: the KMS key id to use for a customer key, by the key's base64 SHA-256.
     oss_kms_key_ids: dict[str, str] = field(default_factory=dict)
     needs_vault: bool = field(init=False)
+    credential_ids: dict[str, SecretSpec] = field(init=False)  # credentials by their declared access key id
 
     def __post_init__(self) -> None:
         uses_vault = any(s.vault for s in (*self.keys.values(), *self.credentials.values()))
         object.__setattr__(self, "needs_vault", uses_vault)
+        object.__setattr__(self, "credential_ids", {s.declared_id: s for s in self.credentials.values() if s.declared_id})
 
     def endpoint_for(self, host: str, port: int) -> Endpoint | None:
         return next((e for e in self.endpoints if e.matches(host, port)), None)
@@ -136,6 +150,19 @@ class Policy:
     def rule_for(self, provider: str, bucket: str | None, object_key: str | None, account: str | None = None) -> Rule | None:
         """First match wins."""
         return next((r for r in self.rules if r.matches(provider, bucket, object_key, account)), None)
+
+    def strictest_rule_for(self, provider: str, bucket: str | None, account: str | None = None) -> Rule | None:
+        """The strictest rule any object of `bucket` (None: of any bucket of the account) falls under, or
+        None when some of its objects fall under no rule. For requests that name objects in their body."""
+        reachable = []
+        for rule in self.rules:
+            if not rule.may_cover(provider, account):
+                continue
+            if bucket is None or glob_regex(rule.bucket).fullmatch(bucket):
+                reachable.append(rule)
+                if rule.prefix == "" and (bucket is not None or rule.bucket == "*"):
+                    return max(reachable, key=lambda r: ACTIONS_BY_STRICTNESS.index(r.action))
+        return None
 
     def summary(self) -> list[str]:
         lines = []
@@ -156,13 +183,8 @@ def glob_regex(glob: str) -> re.Pattern[str]:
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob), re.IGNORECASE)
 
 
-def endpoint_host_regexes(policy: Policy) -> list[str]:
-    """mitmproxy `allow_hosts` patterns (matched against "host:port") for the policy's endpoints."""
-    regexes = []
-    for endpoint in policy.endpoints:
-        body = glob_regex(endpoint.host).pattern
-        regexes.append(f"^{body}$" if ":" in endpoint.host else rf"^{body}:\d+$")
-    return regexes
+def is_glob(text: str) -> bool:
+    return "*" in text or "?" in text
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -220,16 +242,19 @@ def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path = Path("
 class _PolicyReader:
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
+        self.declared_ids: dict[str, str] = {}
 
     def policy(self, document: Any, source: str) -> Policy:
         top = self.mapping(document, "policy", 1, required={"version", "endpoints", "rules"},
-                           optional={"vault", "keys", "credentials", "key_cache_ttl", "key_cache_stale_ttl", "oss_kms_key_ids"})
+                           optional={"vault", "keys", "credentials", "key_cache_ttl", "key_cache_stale_ttl",
+                                     "key_cache_failure_ttl", "oss_kms_key_ids"})
         if top["version"] != 1:
             raise _NodeError(top.lines["version"], f"unsupported version {top['version']!r} (this keycourier reads version 1)")
         keys = self.named(top, "keys", self.key)
         credentials = self.named(top, "credentials", self.credential)
         ttl = self.seconds(top, "key_cache_ttl", DEFAULT_KEY_CACHE_TTL)
         stale_ttl = self.seconds(top, "key_cache_stale_ttl", DEFAULT_KEY_CACHE_STALE_TTL)
+        failure_ttl = self.seconds(top, "key_cache_failure_ttl", DEFAULT_KEY_CACHE_FAILURE_TTL)
         return Policy(
             source=source,
             vault=self.vault(top["vault"], top.lines["vault"]) if "vault" in top else None,
@@ -239,6 +264,7 @@ class _PolicyReader:
             rules=tuple(self.rule(r, top.lines["rules"], keys) for r in self.sequence(top, "rules")),
             key_cache_ttl=ttl,
             key_cache_stale_ttl=stale_ttl,
+            key_cache_failure_ttl=failure_ttl,
             oss_kms_key_ids=self.kms_key_ids(top),
         )
 
@@ -342,11 +368,16 @@ class _PolicyReader:
         )
 
     def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool) -> SecretSpec:
-        entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file"})
-        if len(entry) != 1:
+        ids = set() if field_required else set(CREDENTIAL_IDS)
+        entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file", *ids})
+        declared = [self.string(entry, id_field) for id_field in CREDENTIAL_IDS if id_field in entry]
+        if len(declared) > 1:
+            raise _NodeError(line, f"{kind} {name!r} declares both access_key_id and account_name: give one")
+        if len(entry) - len(declared) != 1:
             raise _NodeError(line, f"{kind} {name!r} needs exactly one source: vault or file")
+        declared_id = declared[0] if declared else None
         if "file" in entry:
-            return SecretSpec(name, line, file=self.path(entry, "file"))
+            return SecretSpec(name, line, file=self.path(entry, "file"), declared_id=declared_id)
         ref = self.mapping(entry["vault"], f"{kind} {name!r} vault", entry.lines["vault"], required={"path"},
                            optional={"field", "version"} if field_required else {"version"})
         api_path = self.string(ref, "path")
@@ -357,17 +388,27 @@ class _PolicyReader:
         if version is not None and (not isinstance(version, int) or version < 1):
             raise _NodeError(ref.lines["version"], "vault version must be a positive integer")
         field_name = self.string(ref, "field", default="key") if field_required else ""
-        return SecretSpec(name, line, vault=VaultSecretRef(mount, secret_path, field_name, version))
+        return SecretSpec(name, line, vault=VaultSecretRef(mount, secret_path, field_name, version), declared_id=declared_id)
 
     def key(self, name: str, value: Any, line: int) -> SecretSpec:
         return self.secret_source("key", name, value, line, field_required=True)
 
     def credential(self, name: str, value: Any, line: int) -> SecretSpec:
-        return self.secret_source("credential", name, value, line, field_required=False)
+        spec = self.secret_source("credential", name, value, line, field_required=False)
+        if spec.declared_id and spec.declared_id in self.declared_ids:
+            raise _NodeError(line, f"credential {name!r}: access key id {spec.declared_id} is declared by "
+                                   f"credential {self.declared_ids[spec.declared_id]!r} too")
+        if spec.declared_id:
+            self.declared_ids[spec.declared_id] = name
+        return spec
 
     def endpoint(self, value: Any, line: int) -> Endpoint:
         entry = self.mapping(value, "endpoint", line, required={"host", "provider"}, optional={"region"})
-        return Endpoint(host=self.glob(entry, "host"), provider=self.provider(entry, allow_any=False), line=entry.line,
+        glob = self.glob(entry, "host")
+        host, colon, port = glob.rpartition(":") if ":" in glob else (glob, "", "")
+        if not is_glob(host):
+            host = canonical_host(host)  # matched against canonical names: 127.0.0.1, not 127.1
+        return Endpoint(host=f"{host}{colon}{port}", provider=self.provider(entry, allow_any=False), line=entry.line,
                         region=self.string(entry, "region") if "region" in entry else None)
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:

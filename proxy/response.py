@@ -4,8 +4,7 @@ from __future__ import annotations
 import re
 
 from keycourier.pipeline import DIALECTS, Audit, RespondAs
-
-REDACTED = "[redacted by keycourier]"
+from keycourier.scrub import REDACTED
 ERROR_BODY_LIMIT = 64 * 1024  # provider error documents are far smaller
 
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")

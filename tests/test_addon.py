@@ -28,7 +28,7 @@ rules:
     keycourier = KeyCourier()
     with taddons.context(keycourier) as context:
         context.configure(keycourier, keycourier_policies=str(tmp_path / "policies.yaml"))
-        assert context.options.allow_hosts == [r"^127\.0\.0\.1:9000$"]
+        assert not context.options.rawtcp  # an object store answering 101 must not turn into a raw relay
         yield keycourier
 
 
@@ -39,6 +39,7 @@ def signed_now(method, path):
 def flow_for(request):
     flow = tflow.tflow()
     flow.client_conn.timestamp_tls_setup = 1.0  # the client spoke TLS to keycourier
+    flow.client_conn.sni = None  # as clients send for an IP address
     flow.request.scheme, flow.request.host, flow.request.port = request.scheme, request.host, request.port
     flow.request.method, flow.request.path = request.method, request.target
     flow.request.headers.clear()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from keycourier.keys import KeyUnavailable, Secrets
+from keycourier.keys import KeyUnavailable, Secrets, blocking
 from keycourier.policy import parse_policy
 from keycourier.vault import Vault, VaultError
 from tests.upstreams.vault import VaultServer
@@ -23,6 +23,10 @@ def vault(ca):
         server.kv_put("keycourier/aws-app1", {"access_key_id": "AKIDVAULT", "secret_access_key": "from-vault"})
         server.set_policy("keycourier", {"secret/data/keycourier/*": ["read"]})
         yield server
+
+
+def key_of(secrets, policy, name):
+    return blocking(lambda: secrets.key(policy, policy.keys[name]))
 
 
 def policy_for(vault, ca_pem, tmp_path, auth="{method: token}", ttl=300):
@@ -47,11 +51,11 @@ def test_token_auth_reads_latest_and_pinned_versions(vault, ca_pem, tmp_path, mo
     monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
     policy = policy_for(vault, ca_pem, tmp_path)
     secrets = Secrets()
-    latest = secrets.key(policy, policy.keys["latest"])
+    latest = key_of(secrets, policy, "latest")
     assert (latest.material, latest.version) == (KEY_V2, "v2")
-    first = secrets.key(policy, policy.keys["first"])
+    first = key_of(secrets, policy, "first")
     assert (first.material, first.version) == (KEY_V1, "v1")
-    assert secrets.credential_for(policy, "AKIDVAULT").secret_access_key == "from-vault"
+    assert blocking(lambda: secrets.credential_for(policy, "AKIDVAULT")).secret_access_key == "from-vault"
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -63,7 +67,7 @@ def test_bad_or_missing_keys_are_named(vault, ca_pem, tmp_path, monkeypatch, nam
     monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
     policy = policy_for(vault, ca_pem, tmp_path)
     with pytest.raises(KeyUnavailable) as raised:
-        Secrets().key(policy, policy.keys[name])
+        key_of(Secrets(), policy, name)
     assert str(raised.value) == reason
 
 
@@ -72,10 +76,10 @@ def test_approle_login_and_re_login_when_the_token_expires(vault, ca_pem, tmp_pa
     (tmp_path / "sid").write_text(secret_id)
     policy = policy_for(vault, ca_pem, tmp_path, auth=f"{{method: approle, role_id: {role_id}, secret_id_file: sid}}", ttl=0)
     secrets = Secrets()
-    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert key_of(secrets, policy, "latest").material == KEY_V2
     logins = vault.count("POST", "/v1/auth/approle/login")
     time.sleep(1.5)  # the AppRole token has expired now
-    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert key_of(secrets, policy, "latest").material == KEY_V2
     assert vault.count("POST", "/v1/auth/approle/login") == logins + 1
 
 
@@ -83,7 +87,7 @@ def test_wrong_token_is_a_clear_refusal(vault, ca_pem, tmp_path, monkeypatch):
     monkeypatch.setenv("VAULT_TOKEN", "not-a-token")
     policy = policy_for(vault, ca_pem, tmp_path)
     with pytest.raises(KeyUnavailable, match=r"Vault denied access to auth/token/lookup-self \(permission denied\)"):
-        Secrets().key(policy, policy.keys["latest"])
+        key_of(Secrets(), policy, "latest")
 
 
 def test_concurrent_requests_for_one_key_make_one_vault_read(vault, ca_pem, tmp_path, monkeypatch):
@@ -91,7 +95,7 @@ def test_concurrent_requests_for_one_key_make_one_vault_read(vault, ca_pem, tmp_
     policy = policy_for(vault, ca_pem, tmp_path)
     secrets = Secrets()
     before = vault.count("GET", "/v1/secret/data/keycourier/payroll")
-    threads = [threading.Thread(target=secrets.key, args=(policy, policy.keys["latest"])) for _ in range(16)]
+    threads = [threading.Thread(target=key_of, args=(secrets, policy, "latest")) for _ in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -105,7 +109,7 @@ def test_vault_down_is_key_unavailable_with_the_reason(vault, ca_pem, tmp_path, 
     vault.set_down(True)
     try:
         with pytest.raises(KeyUnavailable, match=f"Vault at {vault.addr} is unreachable"):
-            Secrets().key(policy, policy.keys["latest"])
+            key_of(Secrets(), policy, "latest")
     finally:
         vault.set_down(False)
 
@@ -116,7 +120,7 @@ def test_sealed_vault_is_key_unavailable(vault, ca_pem, tmp_path, monkeypatch):
     vault.seal(True)
     try:
         with pytest.raises(KeyUnavailable, match="sealed or down"):
-            Secrets().key(policy, policy.keys["latest"])
+            key_of(Secrets(), policy, "latest")
     finally:
         vault.seal(False)
 
@@ -128,7 +132,7 @@ def test_untrusted_vault_certificate_is_refused(vault, tmp_path, monkeypatch):
     policy = parse_policy(f'version: 1\nvault: {{addr: "{vault.addr}"}}\nendpoints: []\n'
                           "keys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
     with pytest.raises(KeyUnavailable, match="failed TLS verification"):
-        Secrets().key(policy, policy.keys["k"])
+        key_of(Secrets(), policy, "k")
 
 
 def test_plain_http_vault_and_missing_settings_are_refused():
@@ -142,17 +146,17 @@ def test_environment_configures_vault_like_the_vault_cli(vault, ca_pem):
     environ = {"VAULT_ADDR": vault.addr, "VAULT_CACERT": str(ca_pem), "VAULT_TOKEN": vault.root_token}
     policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
     secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
-    assert secrets.key(policy, policy.keys["k"]).material == KEY_V2
+    assert key_of(secrets, policy, "k").material == KEY_V2
 
 
 def test_kubernetes_login_with_the_service_account_token(vault, ca_pem, tmp_path):
     vault.add_kubernetes_role("keycourier-sidecar", service_account_jwt="eyJhbGciOi.test.jwt", token_policies=["keycourier"])
     (tmp_path / "sa-token").write_text("eyJhbGciOi.test.jwt")
     policy = policy_for(vault, ca_pem, tmp_path, auth="{method: kubernetes, role: keycourier-sidecar, token_file: sa-token}")
-    assert Secrets().key(policy, policy.keys["latest"]).material == KEY_V2
+    assert key_of(Secrets(), policy, "latest").material == KEY_V2
     (tmp_path / "sa-token").write_text("a-forged.jwt")
     with pytest.raises(KeyUnavailable, match="auth/kubernetes/login"):
-        Secrets().key(policy, policy.keys["latest"])
+        key_of(Secrets(), policy, "latest")
 
 
 def test_token_is_renewed_before_expiry_and_login_repeated_when_renewal_fails(vault, ca_pem, tmp_path):
@@ -162,19 +166,20 @@ def test_token_is_renewed_before_expiry_and_login_repeated_when_renewal_fails(va
     policy = policy_for(vault, ca_pem, tmp_path, auth=f"{{method: approle, role_id: {role_id}, secret_id_file: sid}}", ttl=0)
     client = Vault(policy.vault, clock=lambda: now[0])
     secrets = Secrets(vault_factory=lambda p: client)
+    secrets.cache.clock = lambda: now[0]
     logins, renewals = (lambda: vault.count("POST", "/v1/auth/approle/login"),
                         lambda: vault.count("POST", "/v1/auth/token/renew-self"))
     start_logins, start_renewals = logins(), renewals()
-    secrets.key(policy, policy.keys["latest"])
+    key_of(secrets, policy, "latest")
     now[0] += 15  # half the lease: nothing to do
-    secrets.key(policy, policy.keys["latest"])
+    key_of(secrets, policy, "latest")
     assert (logins() - start_logins, renewals() - start_renewals) == (1, 0)
     now[0] += 6  # past two thirds: renew, no new login
-    secrets.key(policy, policy.keys["latest"])
+    key_of(secrets, policy, "latest")
     assert (logins() - start_logins, renewals() - start_renewals) == (1, 1)
     client.client.auth.token.revoke_self()  # renewal will now fail
     now[0] += 25
-    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert key_of(secrets, policy, "latest").material == KEY_V2
     assert (logins() - start_logins, renewals() - start_renewals) == (2, 2)
 
 
@@ -184,7 +189,7 @@ def test_vault_namespace_from_the_environment(vault, ca_pem):
                "VAULT_NAMESPACE": "team-a"}
     policy = parse_policy("version: 1\nendpoints: []\nkeys: {k: {vault: {path: secret/data/keycourier/payroll}}}\nrules: []\n")
     secrets = Secrets(vault_factory=lambda p: Vault(p.vault, environ=environ))
-    assert secrets.key(policy, policy.keys["k"]).material == KEY_V1[::-1]
+    assert key_of(secrets, policy, "k").material == KEY_V1[::-1]
 
 
 def test_an_expired_key_is_served_stale_while_vault_is_unreachable_but_not_after(vault, ca_pem, tmp_path, monkeypatch):
@@ -201,13 +206,13 @@ rules: []
 """)
     secrets = Secrets()
     secrets.cache.clock = lambda: now[0]
-    assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+    assert key_of(secrets, policy, "latest").material == KEY_V2
     now[0] = 30  # expired, within the stale grace
     vault.set_down(True)
     try:
-        assert secrets.key(policy, policy.keys["latest"]).material == KEY_V2
+        assert key_of(secrets, policy, "latest").material == KEY_V2
         now[0] = 71  # past ttl + stale grace: fail closed
         with pytest.raises(KeyUnavailable, match="unreachable"):
-            secrets.key(policy, policy.keys["latest"])
+            key_of(secrets, policy, "latest")
     finally:
         vault.set_down(False)

@@ -9,7 +9,8 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from keycourier.keys import Secrets
+from keycourier.destination import Destination, EndpointAddresses
+from keycourier.keys import Secrets, blocking
 from keycourier.message import Request
 from keycourier.pipeline import Forward, Refuse, handle_request
 from keycourier.policy import parse_policy
@@ -59,8 +60,14 @@ def signed(method, path, *, host="127.0.0.1", port=9000, scheme="https", secret=
                    (("host", authority),) + tuple((k, v) for k, v in prepared.headers.items()))
 
 
-def run(policy, request, client_tls=True):
-    return handle_request(request, client_tls=client_tls, policy=policy, secrets=Secrets(), now=NOW)
+NO_ADDRESSES = EndpointAddresses(resolve=lambda host: [])
+
+
+def run(policy, request, client_tls=True, server_name=None, address=None):
+    destination = Destination.of(request.host, request.port, server_name, address)
+    secrets = Secrets()
+    return blocking(lambda: handle_request(request, client_tls=client_tls, destination=destination, policy=policy,
+                                           addresses=NO_ADDRESSES, secrets=secrets, now=NOW))
 
 
 def md5_b64(key):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from keycourier.policy import PolicyError, PolicyFile, endpoint_host_regexes, load_policy, parse_policy
+from keycourier.policy import PolicyError, PolicyFile, load_policy, parse_policy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,10 +59,14 @@ def test_endpoints_match_host_with_or_without_port():
     assert policy.endpoint_for("127.0.0.1", 9000) is not None
     assert policy.endpoint_for("127.0.0.1", 9001) is None
     assert policy.endpoint_for("amazonaws.com.evil.example", 443) is None
-    regexes = endpoint_host_regexes(policy)
-    assert any(re.search(r, "x.s3.amazonaws.com:443") for r in regexes)
-    assert not any(re.search(r, "example.com:443") for r in regexes)
-    assert not any(re.search(r, "127.0.0.1:90001") for r in regexes)
+    assert policy.endpoint_for("127.0.0.1", 90001) is None
+
+
+def test_literal_endpoint_hosts_are_kept_in_canonical_form():
+    policy = parse_policy(VALID.replace('"127.0.0.1:9000"', '"LocalHost.:9000"'))
+    assert policy.endpoint_for("localhost", 9000) is not None
+    policy = parse_policy(VALID.replace('"127.0.0.1:9000"', '"127.1:9000"'))
+    assert policy.endpoint_for("127.0.0.1", 9000) is not None
 
 
 @pytest.mark.parametrize("edit, line, reason", [

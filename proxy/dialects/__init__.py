@@ -79,27 +79,62 @@ def name_s3_style_operation(request, bucket: str | None, object_key: str | None,
     return object_operation(method, params, request)
 
 
+_UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def decoded_path(raw_path: str) -> str:
+    """The percent-decoded path, refused in the forms that providers and S3-compatible servers read
+    differently (merging slashes, resolving dot segments; docs/paths.md): keycourier must see the same
+    bucket and object as the provider. Messages never quote the path: object names go to logs."""
+    try:
+        path = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("the path is not valid UTF-8 once percent-decoded") from None
+    segments = path.split("/")
+    if segments[0]:
+        raise BadRequest("the request target is not an absolute path")
+    if any(segment in (".", "..") for segment in segments[1:]):
+        raise BadRequest("the path has a dot segment (/./ or /../), which servers resolve differently")
+    if "" in segments[1:-1]:
+        raise BadRequest("the path has an empty segment (//), which servers merge differently")
+    if _UNSAFE_PATH_CHARACTERS.search(path):
+        raise BadRequest("the path has a control character or backslash, which servers read differently")
+    return path
+
+
+def leading_segment(raw_path: str, names: int = 1) -> None:
+    """Refuses percent-encoding in the path's leading `names` segments as sent: names (bucket, account,
+    container) never need it, and servers decode them at different points."""
+    if any("%" in segment for segment in raw_path.removeprefix("/").split("/")[:names]):
+        raise BadRequest("a bucket, account or container name in the path is percent-encoded")
+
+
 def s3_style_location(request, endpoint_host: str, service_host: re.Pattern, virtual_hosted: re.Pattern) -> tuple[str | None, str | None]:
     """Bucket and object key of an S3-style API (S3, OSS): virtual-hosted under the provider's domain
     (`virtual_hosted` names the bucket) or a `*.<domain>` endpoint, else path style (/bucket/key)."""
-    path = unquote(request.path).removeprefix("/")
-    host = request.host.lower()
+    path = decoded_path(request.path).removeprefix("/")
+    host = request.host
     bucket = None
     if not service_host.match(host):
         virtual = virtual_hosted.match(host)
         bucket = virtual["bucket"] if virtual else bucket_in_host(host, endpoint_host)
     if bucket:
         return bucket, path or None
+    leading_segment(request.path)
     bucket, _, object_key = path.partition("/")
     return bucket or None, object_key or None
 
 
 def copy_source_ref(request, header: str) -> ObjectRef:
     """An S3-style copy source header: [/]bucket/key[?versionId=v], URL-encoded."""
-    source = unquote(request.header(header).split("?", 1)[0]).lstrip("/")
-    bucket, _, object_key = source.partition("/")
+    raw = "/" + request.header(header).split("?", 1)[0].removeprefix("/")
+    try:
+        bucket, _, object_key = decoded_path(raw).removeprefix("/").partition("/")
+        leading_segment(raw)
+    except BadRequest as exc:
+        raise BadRequest(f"{header}: {exc}") from None
     if not bucket or not object_key or bucket.startswith("arn:"):
-        raise BadRequest(f"{header} {source[:200]!r} does not name a bucket and object keycourier can map to a rule")
+        raise BadRequest(f"{header} does not name a bucket and object keycourier can map to a rule")
     return ObjectRef(bucket, object_key)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from keycourier.dialects import (OTHER_OPERATION, BadRequest, Encryption, ObjectRef, Operation, bucket_in_host,
-                             parse_customer_key, xml_error_body)
+                             decoded_path, leading_segment, parse_customer_key, xml_error_body)
+from keycourier.hostnames import canonical_host
 from keycourier.keys import Key
 from keycourier.message import Request
 
@@ -51,14 +52,33 @@ _DATA_COMPS = {"block": "PutBlock", "page": "PutPage", "appendblock": "AppendBlo
 _BLOB_VERBS = {"GET": "GetBlob", "HEAD": "GetBlobProperties", "DELETE": "DeleteBlob"}
 _CONTAINER_VERBS = {"PUT": "CreateContainer", "DELETE": "DeleteContainer", "GET": "GetContainerProperties",
                     "HEAD": "GetContainerProperties"}
+# Container calls (restype=container) by comp: no blob data in them.
+_CONTAINER_COMPS = {
+    ("GET", "metadata"): "GetContainerMetadata", ("HEAD", "metadata"): "GetContainerMetadata",
+    ("PUT", "metadata"): "SetContainerMetadata", ("GET", "acl"): "GetContainerACL", ("HEAD", "acl"): "GetContainerACL",
+    ("PUT", "acl"): "SetContainerACL", ("PUT", "lease"): "LeaseContainer", ("GET", "blobs"): "FindBlobsByTags",
+}
+# Account calls by (method, comp, restype).
+_ACCOUNT_OPERATIONS = {
+    ("GET", "list", None): "ListContainers", ("GET", "properties", "service"): "GetBlobServiceProperties",
+    ("PUT", "properties", "service"): "SetBlobServiceProperties", ("GET", "stats", "service"): "GetBlobServiceStats",
+    ("GET", "properties", "account"): "GetAccountInformation", ("HEAD", "properties", "account"): "GetAccountInformation",
+    ("POST", "userdelegationkey", "service"): "GetUserDelegationKey", ("GET", "blobs", None): "FindBlobsByTags",
+}
+# Batches name their sub-requests' blobs in the body: judged by the strictest rule those blobs can fall under.
+# Reads whose answer is the object itself (the application's own bytes).
+DATA_READS = frozenset({"GetBlob"})
+BULK_OPERATIONS = frozenset({"SubmitBatch"})
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
     where = locate(request.host, request.path, endpoint_host)
     params = dict(request.query)
     method = request.method.upper()
-    if where.bucket is None:
-        name = "ListContainers" if method == "GET" and params.get("comp") == "list" else OTHER_OPERATION
+    if method == "POST" and params.get("comp") == "batch" and where.object_key is None:
+        name = "SubmitBatch"
+    elif where.bucket is None:
+        name = _ACCOUNT_OPERATIONS.get((method, params.get("comp"), params.get("restype")), OTHER_OPERATION)
     elif where.object_key is None:
         name = _container_operation(method, params)
     else:
@@ -71,12 +91,14 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
 def locate(host: str, raw_path: str, endpoint_host: str) -> ObjectRef:
     """Account, container and blob: `<account>.blob.core.windows.net/<container>/<blob>`, or the
     emulator's (Azurite's) `host:port/<account>/<container>/<blob>`."""
-    host = host.lower()
-    path = unquote(raw_path).removeprefix("/")
+    path = decoded_path(raw_path).removeprefix("/")
     found = _ACCOUNT_HOST.match(host)
     account = found["account"] if found else bucket_in_host(host, endpoint_host)
+    names = 1
     if account is None:
         account, _, path = path.partition("/")
+        names = 2
+    leading_segment(raw_path, names)
     container, _, blob = path.partition("/")
     return ObjectRef(container or None, blob or None, account or None)
 
@@ -84,9 +106,11 @@ def locate(host: str, raw_path: str, endpoint_host: str) -> ObjectRef:
 def _container_operation(method: str, params: dict[str, str]) -> str:
     if params.get("comp") == "list":
         return "ListBlobs"
-    if params.get("restype") == "container" and "comp" not in params:
+    if params.get("restype") != "container":
+        return OTHER_OPERATION
+    if "comp" not in params:
         return _CONTAINER_VERBS.get(method, OTHER_OPERATION)
-    return OTHER_OPERATION  # container metadata, ACLs, leases: no blob data
+    return _CONTAINER_COMPS.get((method, params["comp"]), OTHER_OPERATION)
 
 
 def _blob_operation(method: str, params: dict[str, str], request: Request) -> str:
@@ -108,7 +132,10 @@ def _blob_operation(method: str, params: dict[str, str], request: Request) -> st
 def _copy_source(request: Request, endpoint_host: str) -> ObjectRef:
     """x-ms-copy-source: the source blob's URL (its SAS, if any, in the query)."""
     url = urlsplit(request.header("x-ms-copy-source"))
-    source = locate(url.hostname or "", url.path, endpoint_host)
+    try:
+        source = locate(canonical_host(url.hostname or ""), url.path or "/", endpoint_host)
+    except BadRequest as exc:
+        raise BadRequest(f"x-ms-copy-source: {exc}") from None
     if not (url.hostname and source.account and source.bucket and source.object_key):
         raise BadRequest("x-ms-copy-source does not name an account, container and blob keycourier can map to a rule")
     return source

@@ -22,6 +22,10 @@ ENCRYPTION_OPERATIONS = frozenset({"PutObject", "CopyObject", "InitiateMultipart
 # PostObject (browser form upload) carries the header as a form field keycourier does not rewrite:
 # refused under encrypt rules, like any object operation keycourier cannot name.
 UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
+# Name their objects in the body: judged by the strictest rule those objects can fall under.
+# Reads whose answer is the object itself (the application's own bytes).
+DATA_READS = frozenset({"GetObject"})
+BULK_OPERATIONS = frozenset({"DeleteMultipleObjects"})
 SOURCE_KEY_OPERATIONS: frozenset[str] = frozenset()
 RESPONSE_KEY_HEADERS: tuple[str, ...] = ()  # no customer keys, nothing to say about one
 WRITE_OPERATIONS = ENCRYPTION_OPERATIONS | {"UploadPart", "UploadPartCopy", "CompleteMultipartUpload"}

@@ -58,6 +58,10 @@ _BUCKET_SUBRESOURCES = {
 # Browser form uploads (POST to a bucket) carry their headers as form fields keycourier does not
 # rewrite: refused under encrypt rules, like any object operation keycourier cannot name.
 UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
+# Name their objects in the body: judged by the strictest rule those objects can fall under.
+# Reads whose answer is the object itself (the application's own bytes).
+DATA_READS = frozenset({"GetObject", "SelectObjectContent"})
+BULK_OPERATIONS = frozenset({"DeleteObjects"})
 
 
 def classify(request: Request, endpoint_host: str = "") -> Operation:
