@@ -175,6 +175,20 @@ def test_key_on_plain_blob_is_refused(box):
     box.upload_blob("plain.txt", b"plain")
     error = fails(box.download_blob, "plain.txt", cpk=cpk(KEY_A))
     assert error_code(error) == (409, "BlobDoesNotUseCustomerSpecifiedEncryption")
+    assert error.message.startswith("The blob is not encrypted with customer specified encryption, but one "
+                                    "was provided in the request.")
+
+
+def test_algorithm_header_is_optional_on_reads_only(upstream, box, ca_pem):
+    box.upload_blob("file.bin", b"secret", cpk=cpk(KEY_A))
+    key_only = {"x-ms-encryption-key": b64(KEY_A), "x-ms-encryption-key-sha256": b64(hashlib.sha256(KEY_A).digest())}
+    status, headers, body = signed_request(upstream, "GET", "/acct/box/file.bin", key_only, ca_pem=ca_pem)
+    assert (status, body) == (200, b"secret")
+    status, _, _ = signed_request(upstream, "HEAD", "/acct/box/file.bin", key_only, ca_pem=ca_pem)
+    assert status == 200
+    status, headers, _ = signed_request(upstream, "PUT", "/acct/box/file.bin",
+                                        {"x-ms-blob-type": "BlockBlob", **key_only}, b"new", ca_pem=ca_pem)
+    assert (status, headers["x-ms-error-code"]) == (400, "MissingRequiredHeader")
 
 
 def test_plain_http_upstream_refuses_cpk():

@@ -195,8 +195,21 @@ def test_reading_an_sse_c_object_with_another_key_is_denied(s3):
     s3.put_object(Bucket="bucket", Key="ledger", Body=b"x" * 10, **sse_c(KEY_A))
 
     status, error = fails(s3.get_object, Bucket="bucket", Key="ledger", **sse_c(KEY_B))
-    assert (status, error["Code"]) == (403, "AccessDenied")
+    assert (status, error["Code"], error["Message"]) == (
+        403, "AccessDenied", "Requests specifying Server Side Encryption with Customer provided keys must "
+                             "provide the correct secret key.")
     assert fails(s3.head_object, Bucket="bucket", Key="ledger", **sse_c(KEY_B))[0] == 403
+
+
+def test_a_key_of_the_wrong_length_is_a_wrong_key_on_reads(s3):
+    # S3 refuses a 16-byte key on a write as invalid, but on a read as the wrong key.
+    s3.put_object(Bucket="bucket", Key="ledger", Body=b"x" * 10, **sse_c(KEY_A))
+
+    status, error = fails(s3.get_object, Bucket="bucket", Key="ledger", **sse_c(KEY_A[:16]))
+    assert (status, error["Code"]) == (403, "AccessDenied")
+    assert fails(s3.head_object, Bucket="bucket", Key="ledger", **sse_c(KEY_A[:16]))[0] == 403
+    status, error = fails(s3.put_object, Bucket="bucket", Key="ledger", Body=b"y", **sse_c(KEY_A[:16]))
+    assert (status, error["Code"]) == (400, "InvalidArgument")
 
 
 def test_customer_key_on_a_plain_object_is_refused(s3):
@@ -213,15 +226,27 @@ def test_customer_key_on_a_plain_object_is_refused(s3):
     ({"SSECustomerAlgorithm": "AES256", "SSECustomerKey": KEY_A[:16]},
      "InvalidArgument", "The secret key was invalid for the specified algorithm."),
     ({"SSECustomerAlgorithm": "AES128", "SSECustomerKey": KEY_A},
-     "InvalidEncryptionAlgorithmError", "The encryption request you specified is not valid. "
-                                        "The valid value is AES256."),
+     "InvalidEncryptionAlgorithmError", "The Encryption request you specified is not valid. "
+                                        "Supported value: AES256."),
 ], ids=["md5-mismatch", "short-key", "wrong-algorithm"])
 def test_malformed_customer_keys_are_refused(s3, upstream, params, code, message):
     status, error = fails(s3.put_object, Bucket="bucket", Key="doc", Body=b"x", **params)
 
     assert (status, error["Code"], error["Message"]) == (400, code, message)
+    # S3 names x-amz-server-side-encryption whichever SSE-C header was at fault.
+    assert error["ArgumentName"] == "x-amz-server-side-encryption"
     with pytest.raises(KeyError):
         upstream.stored("bucket", "doc")
+
+
+def test_customer_key_with_another_server_side_encryption_is_refused(s3, upstream):
+    status, error = fails(s3.put_object, Bucket="bucket", Key="doc", Body=b"x", ServerSideEncryption="AES256",
+                          **sse_c(KEY_A))
+
+    assert (status, error["Code"], error["ArgumentName"], error["ArgumentValue"]) == (
+        400, "InvalidArgument", "x-amz-server-side-encryption", "AES256")
+    assert error["Message"] == ("Server Side Encryption with Customer provided key is incompatible with the "
+                                "encryption method specified")
 
 
 def test_plain_http_refuses_customer_keys():

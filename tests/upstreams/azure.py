@@ -106,8 +106,9 @@ class CustomerKey:
     sha256: str  # base64 SHA-256 of the raw key: all Azure keeps of it
 
 
-def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | None:
-    """Parse and validate one family of CPK headers (target or copy source)."""
+def _customer_key(headers: Message, prefix: str, secure: bool, *, read: bool = False) -> CustomerKey | None:
+    """Parse and validate one family of CPK headers (target or copy source). The algorithm header is
+    required on writes and optional on reads (`read=True`)."""
     names = (prefix + "key", prefix + "key-sha256", prefix + "algorithm")
     key_text, sha_text, algorithm = (headers.get(name) for name in names)
     if key_text is None and sha_text is None and algorithm is None:
@@ -115,6 +116,8 @@ def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | 
     if not secure:
         raise AzureError(400, "InvalidInput", "One of the request inputs is not valid.",
                          {"Reason": "Customer-provided encryption keys require HTTPS."})
+    if read and algorithm is None:
+        algorithm = "AES256"
     for name, value in zip(names, (key_text, sha_text, algorithm)):
         if value is None:
             raise _missing_header(name)
@@ -134,7 +137,8 @@ def _check_key(stored_sha256: str | None, presented: CustomerKey | None, *, copy
     if stored_sha256 is None:
         if presented is not None:
             raise AzureError(409, "BlobDoesNotUseCustomerSpecifiedEncryption",
-                             "The blob is not encrypted with customer specified encryption.")
+                             "The blob is not encrypted with customer specified encryption, but one was "
+                             "provided in the request.")
         return
     if presented is None:
         if copy_source:
@@ -440,8 +444,8 @@ class _Call(CallParameters):
             raise _blob_not_found()
         return blob
 
-    def customer_key(self, prefix: str = _CPK) -> CustomerKey | None:
-        return _customer_key(self.incoming.headers, prefix, self.incoming.secure)
+    def customer_key(self, prefix: str = _CPK, *, read: bool = False) -> CustomerKey | None:
+        return _customer_key(self.incoming.headers, prefix, self.incoming.secure, read=read)
 
     def copy_source(self, *, by_url: bool) -> tuple[StoredBlob, CustomerKey | None]:
         """The blob x-ms-copy-source names, checked against the source CPK headers.
@@ -722,7 +726,7 @@ def _blob_properties_headers(blob: StoredBlob) -> list[tuple[str, str]]:
 def _get_blob(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
-    customer_key = call.customer_key()
+    customer_key = call.customer_key(read=True)
     _check_key(blob.encryption_key_sha256, customer_key)
     call.check_conditions(blob, write=False)
     headers = [*_blob_properties_headers(blob), ("Accept-Ranges", "bytes")]
@@ -757,7 +761,7 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 def _get_blob_properties(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
-    _check_key(blob.encryption_key_sha256, call.customer_key())
+    _check_key(blob.encryption_key_sha256, call.customer_key(read=True))
     call.check_conditions(blob, write=False)
     return Response(200, [*_blob_properties_headers(blob), ("Content-Length", str(blob.size))])
 
@@ -765,7 +769,7 @@ def _get_blob_properties(call: _Call) -> Response:
 def _get_blob_metadata(call: _Call) -> Response:
     call.refuse_source_key()
     blob = call.blob()
-    _check_key(blob.encryption_key_sha256, call.customer_key())
+    _check_key(blob.encryption_key_sha256, call.customer_key(read=True))
     call.check_conditions(blob, write=False)
     return Response(200, [*_validators(blob.etag, blob.last_modified),
                           *((f"x-ms-meta-{name}", value) for name, value in blob.metadata.items()),

@@ -60,6 +60,7 @@ _MAX_PART_NUMBER = 10000
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SSE_C = "x-amz-server-side-encryption-customer-"
 _COPY_SOURCE_SSE_C = "x-amz-copy-source-server-side-encryption-customer-"
+_SSE_ARGUMENT = "x-amz-server-side-encryption"  # the ArgumentName of every SSE-C argument error
 # AWS documents that only the algorithm must be signed in a presigned SSE-C URL.
 _PRESIGNED_UNSIGNED_ALLOWED = frozenset({_SSE_C + "key", _SSE_C + "key-md5"})
 _OWNER_ID = "75aa57f09aa0c8caeab4f8c24e99d10f8e7faeebf76c078efc7c6caea54ba06a"
@@ -186,8 +187,13 @@ class KeyFingerprint:
         return hmac.compare_digest(self.mac, hmac.new(self.salt, key, "sha256").digest())
 
 
-def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | None:
-    """Parse and validate one family of SSE-C headers (object or copy source)."""
+def _customer_key(headers: Message, prefix: str, secure: bool, *, read: bool = False) -> CustomerKey | None:
+    """Parse and validate one family of SSE-C headers (object or copy source).
+
+    S3 names `x-amz-server-side-encryption` as the ArgumentName of every SSE-C argument error,
+    whichever header was at fault. On a read (`read=True`) a well-formed key of the wrong length
+    is not refused here: S3 answers it like any other key that does not open the object.
+    """
     algorithm = headers.get(prefix + "algorithm")
     key_text = headers.get(prefix + "key")
     md5_text = headers.get(prefix + "key-MD5")
@@ -198,29 +204,30 @@ def _customer_key(headers: Message, prefix: str, secure: bool) -> CustomerKey | 
                                "keys must be made over a secure connection.")
     if algorithm is None:
         raise _invalid_argument("Requests specifying Server Side Encryption with Customer provided "
-                                "keys must provide a valid encryption algorithm.", prefix + "algorithm")
+                                "keys must provide a valid encryption algorithm.", _SSE_ARGUMENT)
     if algorithm != "AES256":
         raise S3Error(400, "InvalidEncryptionAlgorithmError",
-                      "The encryption request you specified is not valid. The valid value is AES256.",
-                      {"ArgumentName": prefix + "algorithm"})
+                      "The Encryption request you specified is not valid. Supported value: AES256.",
+                      {"ArgumentName": _SSE_ARGUMENT, "ArgumentValue": algorithm})
     if key_text is None:
         raise _invalid_argument("Requests specifying Server Side Encryption with Customer provided "
-                                "keys must provide an appropriate secret key.", prefix + "key")
+                                "keys must provide an appropriate secret key.", _SSE_ARGUMENT)
     key = b64decode_or_none(key_text)
-    if key is None or len(key) != 32:
-        raise _invalid_argument("The secret key was invalid for the specified algorithm.", prefix + "key")
+    if key is None or (len(key) != 32 and not read):
+        raise _invalid_argument("The secret key was invalid for the specified algorithm.", _SSE_ARGUMENT)
     if md5_text is None:
         raise _invalid_argument("Requests specifying Server Side Encryption with Customer provided "
                                 "keys must provide the client calculated MD5 of the secret key.",
-                                prefix + "key-MD5")
+                                _SSE_ARGUMENT)
     md5 = hashlib.md5(key).digest()
     if b64decode_or_none(md5_text) != md5:
         raise _invalid_argument("The calculated MD5 hash of the key did not match the hash that was "
-                                "provided.", prefix + "key-MD5")
+                                "provided.", _SSE_ARGUMENT)
     return CustomerKey(key, base64.b64encode(md5).decode())
 
 
-def _check_read_key(fingerprint: KeyFingerprint | None, customer_key: CustomerKey | None) -> None:
+def _check_read_key(fingerprint: KeyFingerprint | None, customer_key: CustomerKey | None, *,
+                    copy_source: bool = False) -> None:
     """Reading (GET, HEAD, attributes, copy source) needs exactly the key the object was written with."""
     if fingerprint is None:
         if customer_key is not None:
@@ -229,7 +236,10 @@ def _check_read_key(fingerprint: KeyFingerprint | None, customer_key: CustomerKe
         raise _invalid_request("The object was stored using a form of Server Side Encryption. "
                                "The correct parameters must be provided to retrieve the object.")
     elif not fingerprint.matches(customer_key.key):
-        raise _access_denied()
+        # S3's wording for GET (docs/read-errors.md); a copy source's wrong key is not on record.
+        raise _access_denied() if copy_source else _access_denied(
+            "Requests specifying Server Side Encryption with Customer provided keys must provide "
+            "the correct secret key.")
 
 
 # --- SigV4 ----------------------------------------------------------------------------
@@ -818,8 +828,8 @@ class _Call(CallParameters):
                           {"UploadId": upload_id})
         return upload
 
-    def customer_key(self, prefix: str = _SSE_C) -> CustomerKey | None:
-        return _customer_key(self.incoming.headers, prefix, self.incoming.secure)
+    def customer_key(self, prefix: str = _SSE_C, *, read: bool = False) -> CustomerKey | None:
+        return _customer_key(self.incoming.headers, prefix, self.incoming.secure, read=read)
 
     def destination_key(self, bucket: _Bucket) -> CustomerKey | None:
         """The SSE-C key for data written into `bucket`, if the request asks for SSE-C."""
@@ -831,9 +841,9 @@ class _Call(CallParameters):
         server_side = self.header("x-amz-server-side-encryption")
         if server_side is not None:
             if customer_key is not None:
-                raise _invalid_argument("Server Side Encryption with Customer provided key is "
-                                        "incompatible with the encryption method specified",
-                                        "x-amz-server-side-encryption")
+                raise S3Error(400, "InvalidArgument", "Server Side Encryption with Customer provided key is "
+                              "incompatible with the encryption method specified",
+                              {"ArgumentName": _SSE_ARGUMENT, "ArgumentValue": server_side})
             if server_side in ("aws:kms", "aws:kms:dsse"):
                 raise _not_implemented("x-amz-server-side-encryption")
             if server_side != "AES256":
@@ -852,7 +862,7 @@ class _Call(CallParameters):
                                     "sourcebucket/sourcekey", "x-amz-copy-source")
         source = self.object(bucket, key)
         source_key = self.customer_key(_COPY_SOURCE_SSE_C)
-        _check_read_key(source.key_fingerprint, source_key)
+        _check_read_key(source.key_fingerprint, source_key, copy_source=True)
         return source, source_key
 
     def require_length(self) -> None:
@@ -1073,7 +1083,7 @@ def _head_object(call: _Call) -> Response:
 
 def _object_response(call: _Call, include_body: bool) -> Response:
     obj = call.object()
-    customer_key = call.customer_key()
+    customer_key = call.customer_key(read=True)
     _check_read_key(obj.key_fingerprint, customer_key)
     validators = [("ETag", obj.etag), ("Last-Modified", http_date(obj.last_modified))]
     if_match = call.header("If-Match")
@@ -1139,7 +1149,7 @@ def _delete_object(call: _Call) -> Response:
 
 def _get_object_attributes(call: _Call) -> Response:
     obj = call.object()
-    _check_read_key(obj.key_fingerprint, call.customer_key())
+    _check_read_key(obj.key_fingerprint, call.customer_key(read=True))
     wanted = {name.strip() for name in (call.header("x-amz-object-attributes") or "").split(",")}
     known = {"ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"}
     if not wanted <= known:
