@@ -93,6 +93,13 @@ def test_round_trip_keeps_only_ciphertext_at_rest(bucket, upstream):
     assert len(stored.data_on_disk) == len(data) + 12 + 16  # nonce and GCM tag
 
 
+def test_stored_bytes_are_exactly_what_the_client_sent(bucket, upstream):
+    data = os.urandom(1000)
+    bucket.put_object("raw.bin", data, headers={SSE: "AES256"})
+    assert upstream.stored_bytes("bucket", "raw.bin") == data
+    assert data not in upstream.stored("bucket", "raw.bin").data_on_disk
+
+
 def test_kms_with_key_id_is_recorded_and_echoed(bucket, upstream):
     put = bucket.put_object("secret", b"kms data", headers={SSE: "KMS", SSE_KEY_ID: KMS_KEY_ID})
     assert (put.headers[SSE], put.headers[SSE_KEY_ID]) == ("KMS", KMS_KEY_ID)
@@ -185,6 +192,7 @@ def test_multipart_parts_inherit_the_upload_encryption(bucket, upstream):
     stored = upstream.stored("bucket", "big")
     assert (stored.server_side_encryption, stored.kms_key_id, stored.object_type) == ("KMS", KMS_KEY_ID, "Multipart")
     assert first[:64] not in stored.data_on_disk
+    assert upstream.stored_bytes("bucket", "big") == first + last
 
 
 def test_multipart_parts_below_100_kib_are_refused(bucket):
@@ -220,6 +228,7 @@ def test_append_keeps_the_first_appends_encryption(bucket, upstream):
     stored = upstream.stored("bucket", "log")
     assert (stored.object_type, stored.server_side_encryption) == ("Appendable", "AES256")
     assert b"line" not in stored.data_on_disk
+    assert upstream.stored_bytes("bucket", "log") == b"line one\nline two\n"
 
 
 def test_append_at_the_wrong_position_or_to_a_normal_object_conflicts(bucket):

@@ -893,3 +893,8 @@ class OssUpstream(StorageUpstream):
     def stored(self, bucket: str, key: str) -> StoredObject:
         with self._store.lock:
             return self._store.buckets[bucket].objects[key]
+
+    def stored_bytes(self, bucket: str, key: str) -> bytes:
+        """The object's bytes exactly as clients sent them (its at-rest sealing opened): for an object
+        encrypted on the client side, the ciphertext."""
+        return self._store.plaintext(self.stored(bucket, key))
