@@ -42,29 +42,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Keycourier:
-    """`keycourier run` in its own process, logging to a file the tests can read."""
+class ProxyProcess:
+    """A proxy in its own process, logging to a file; ready once it accepts connections on `port`."""
 
-    def __init__(self, workdir: Path, confdir: Path, policy_text: str, *, upstream_ca: Path | None = None,
-                 mode: str = "regular", env: dict[str, str] | None = None):
-        self.workdir = workdir
-        self.policy_path = workdir / "policies.yaml"
-        self.policy_path.write_text(policy_text)
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.log_path = workdir / "keycourier.log"
-        self.flows_path = workdir / "flows.mitm"
-        self.ca_cert = confdir / "mitmproxy-ca-cert.pem"
-        command = [sys.executable, "-m", "keycourier.cli", "run", "--policies", str(self.policy_path),
-                   "--listen-port", str(self.port), "--confdir", str(confdir), "--mode", mode,
-                   "--save-flows", str(self.flows_path), "--metrics-port", str(self.metrics_port)]
-        if upstream_ca:
-            command += ["--upstream-ca", str(upstream_ca)]
+    def __init__(self, name: str, command: list[str], *, port: int, log_path: Path, cwd: Path = REPO,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.port = port
+        self.log_path = log_path
         clean_env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("VAULT_")}
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**clean_env, **(env or {})})
-        self._wait_until_listening()
+        try:
+            self._wait_until_listening()
+        except BaseException:  # also Ctrl-C while it starts: no process is left behind
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -74,13 +68,49 @@ class Keycourier:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"keycourier exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"keycourier did not listen within {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"{self.name} did not listen within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+class Keycourier(ProxyProcess):
+    """`keycourier run` in its own process, logging to a file the tests can read. `python` and `cwd` may name
+    another checkout's interpreter and folder (the benchmarks compare checkouts)."""
+
+    def __init__(self, workdir: Path, confdir: Path, policy_text: str, *, upstream_ca: Path | None = None,
+                 mode: str = "regular", env: dict[str, str] | None = None, save_flows: bool = True,
+                 python: str = sys.executable, cwd: Path = REPO):
+        self.workdir = workdir
+        self.policy_path = workdir / "policies.yaml"
+        self.policy_path.write_text(policy_text)
+        self.metrics_port = free_port()
+        self.flows_path = workdir / "flows.mitm" if save_flows else None
+        self.ca_cert = confdir / "mitmproxy-ca-cert.pem"
+        port = free_port()
+        command = [python, "-m", "keycourier.cli", "run", "--policies", str(self.policy_path),
+                   "--listen-port", str(port), "--confdir", str(confdir), "--mode", mode,
+                   "--metrics-port", str(self.metrics_port)]
+        if save_flows:
+            command += ["--save-flows", str(self.flows_path)]
+        if upstream_ca:
+            command += ["--upstream-ca", str(upstream_ca)]
+        super().__init__("keycourier", command, port=port, log_path=workdir / "keycourier.log", cwd=cwd, env=env)
 
     def scrape(self, path: str = "/metrics") -> tuple[int, str]:
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -89,9 +119,6 @@ class Keycourier:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, text: str, timeout: float = 10, occurrences: int = 1) -> None:
         deadline = time.monotonic() + timeout
@@ -112,12 +139,3 @@ class Keycourier:
             monkeypatch.delenv(name, raising=False)
         for name, value in {**self.client_env(), **extra}.items():
             monkeypatch.setenv(name, value)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
