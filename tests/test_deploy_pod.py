@@ -240,7 +240,7 @@ def wait_for_startup_probe(container: Container, probe_spec: dict, port: int) ->
 
 @pytest.fixture(scope="module")
 def root():
-    directory = Path(tempfile.mkdtemp(prefix="keycourier-pod-"))
+    directory = Path(tempfile.mkdtemp(prefix="keycourier-pod-", dir="/tmp"))  # every uid can reach /tmp; TMPDIR maybe not
     directory.chmod(0o755)
     yield directory
     shutil.rmtree(directory)
