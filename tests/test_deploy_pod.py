@@ -1,6 +1,6 @@
-"""The sidecar pod of deploy/kubernetes/sidecar.yaml, run here as the kubelet would run it, minus the container runtime.
+"""The pods of deploy/kubernetes/ (sidecar and shared proxy), run here as the kubelet would run them, minus the container runtime.
 
-No Docker engine and no cluster exist here, so the pod is simulated, and only where it must be:
+No Docker engine and no cluster exist here, so the pods are simulated, and only where they must be:
 
 - every volume becomes a directory laid out as the kubelet lays it out, with the owners and modes the kubelet
   gives (Secret and projected files: `defaultMode`/`mode`, owner root, and with `fsGroup` group fsGroup and
