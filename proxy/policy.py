@@ -325,7 +325,9 @@ class _PolicyReader:
         return value
 
     def path(self, parent: _Mapping, name: str) -> Path:
-        return (self.base_dir / self.string(parent, name)).resolve()
+        # Absolute, but symlinks not resolved: Kubernetes replaces a Secret's, ConfigMap's or projected token's
+        # files by swapping `..data` to a new directory and deleting the old one, so a resolved path goes stale.
+        return (self.base_dir / self.string(parent, name)).absolute()
 
     # sections
 

@@ -35,6 +35,18 @@ if [ ! -x .venv-tools/bin/checkov ]; then
     .venv-tools/bin/python -m pip install --quiet "checkov>=3.2,<4"
 fi
 
+# promtool (checks and unit-tests deploy/prometheus/): the binary from Debian's prometheus package, unpacked
+# into .venv/bin; the Prometheus server itself is not installed.
+if [ ! -x .venv/bin/promtool ]; then
+    deb_dir=$(mktemp -d)
+    if ! (cd "$deb_dir" && apt-get download -qq -o APT::Sandbox::User=root prometheus 2>/dev/null); then
+        apt-get update -qq && (cd "$deb_dir" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
+    fi
+    dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -x -C "$deb_dir" ./usr/bin/promtool
+    install -m 755 "$deb_dir/usr/bin/promtool" .venv/bin/promtool
+    rm -rf "$deb_dir"
+fi
+
 # The embedded default policy encrypts with a local file key; make one on first set-up (never committed).
 if [ ! -f keys/dev.key ]; then
     .venv/bin/keycourier keygen keys/dev.key

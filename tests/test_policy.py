@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -143,6 +144,23 @@ def test_configmap_style_symlink_swap_is_seen(tmp_path):
     assert watched.reload_if_changed() is False
     assert watched.reload_if_changed() is True
     assert watched.current.rules[2].bucket == "open-*"
+
+
+def test_paths_in_the_policy_follow_a_kubernetes_volume_update(tmp_path):
+    # A projected token (or Secret) volume: token -> ..data/token, ..data -> ..<timestamp>; on renewal the kubelet
+    # writes a new timestamp directory, swaps ..data and deletes the old directory.
+    (tmp_path / "..v1").mkdir()
+    (tmp_path / "..v1" / "token").write_text("first")
+    (tmp_path / "..data").symlink_to("..v1")
+    (tmp_path / "token").symlink_to("..data/token")
+    policy = parse_policy(VALID.replace("auth: {method: approle, role_id: r1, secret_id_file: sid}",
+                                        f"auth: {{method: kubernetes, role: r, token_file: {tmp_path / 'token'}}}"))
+    (tmp_path / "..v2").mkdir()
+    (tmp_path / "..v2" / "token").write_text("renewed")
+    (tmp_path / "..data_tmp").symlink_to("..v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    shutil.rmtree(tmp_path / "..v1")
+    assert policy.vault.auth.token_file.read_text() == "renewed"
 
 
 def test_vault_kubernetes_auth_defaults_to_the_service_account_token():
