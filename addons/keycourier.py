@@ -167,12 +167,7 @@ class KeyCourier:
         return layers.HttpLayer(context, HTTPMode.transparent)
 
     def http_connect(self, flow: http.HTTPFlow):
-        if flow.server_conn.address is not None:
-            # A CONNECT inside a tunnel or reverse-proxy connection would re-aim it: closed.
-            log.warning(f"closed a connection from {flow.client_conn.peername[0]}: CONNECT inside a connection to "
-                        f"{flow.server_conn.address[0]}:{flow.server_conn.address[1]}")
-            flow.kill()
-            return
+        # (A CONNECT inside a tunnel never gets here: mitmproxy answers it 400 and closes.)
         self._tunnel_servers.add(flow.server_conn.id)
 
     async def server_connect(self, data):
@@ -298,9 +293,10 @@ class KeyCourier:
         if decision is None or not decision.audit.provider:
             return
         refusal = decision.refusal if isinstance(decision, pipeline.Refuse) else None
+        audit = decision.audit if refusal or flow.response else replace(decision.audit, outcome="failed")
         end = flow.response.timestamp_start if flow.response else (flow.error.timestamp if flow.error else flow.request.timestamp_start)
         record = audit_record(
-            plain_request(flow.request, flow.request.host), decision.audit, client=f"{flow.client_conn.peername[0]}",
+            plain_request(flow.request, flow.request.host), audit, client=f"{flow.client_conn.peername[0]}",
             status=flow.response.status_code if flow.response else None,
             seconds=max(0.0, end - flow.request.timestamp_start),
             message=refusal.message if refusal else (flow.error.msg if flow.error else None))

@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 
 from keycourier.destination import Destination, EndpointAddresses
@@ -50,14 +51,14 @@ rules:
 def signed(method, path, *, host="127.0.0.1", port=9000, scheme="https", secret=SECRET, headers=None, at=NOW):
     """A request as boto3 would send it, signed by botocore at `at`."""
     authority = host if port in (80, 443) else f"{host}:{port}"
-    request = AWSRequest(method=method, url=f"{scheme}://{authority}{path}", headers={
-        "x-amz-content-sha256": "UNSIGNED-PAYLOAD", **(headers or {})})
+    request = AWSRequest(method=method, url=f"{scheme}://{authority}{path}", headers=headers or {})
+    request.context["client_config"] = Config(s3={"payload_signing_enabled": False})  # UNSIGNED-PAYLOAD
     with mock.patch("botocore.auth.get_current_datetime", return_value=at.replace(tzinfo=None)):
         S3SigV4Auth(Credentials(ACCESS_KEY, secret), "s3", "us-east-1").add_auth(request)
     prepared = request.prepare()
     target = prepared.url.split(authority, 1)[1]
-    return Request(method, scheme, host, port, target,
-                   (("host", authority),) + tuple((k, v) for k, v in prepared.headers.items()))
+    return Request(method, scheme, host, port, target, (("host", authority),) + tuple(
+        (k, v) for k, v in prepared.headers.items() if k.lower() != "content-length"))
 
 
 NO_ADDRESSES = EndpointAddresses(resolve=lambda host: [])

@@ -293,6 +293,7 @@ class VaultServer(TestServer):
         self.requests: list[ReceivedRequest] = []
         self._lock = threading.Lock()
         self._sealed = False
+        self.latency = 0.0  # seconds every answer takes, like a Vault far away or under load
         self._namespaces = {"": Namespace(kv={"secret": {}})}
         self._policies: dict[str, dict[str, list[str]]] = {"default": DEFAULT_POLICY}
         root = Token(
@@ -379,6 +380,7 @@ class VaultServer(TestServer):
     def _respond(self, method: str, target: str, headers: dict[str, str], raw_body: bytes) -> tuple[int, dict | None]:
         url = urlsplit(target)
         self.requests.append(ReceivedRequest(method, url.path, url.query, headers))
+        time.sleep(self.latency)  # outside the lock: a slow Vault still answers concurrent requests
         try:
             with self._lock:
                 return self._dispatch(method, url.path, parse_qs(url.query), headers, raw_body)
