@@ -155,6 +155,7 @@ class KeyCourier:
                     if self.intercept(destination).endpoint is not None:
                         log.warning(f"closing a tunnel to {destination.host}:{destination.port}: "
                                     "a policy change made it an object store")
+                        metrics.CONNECTIONS_CLOSED.labels("became_endpoint").inc()
                         return False
                     decided = self.generation
                 return True
@@ -186,6 +187,7 @@ class KeyCourier:
             interception = self.intercept(replace(destination, address=address))
             if interception.endpoint is not None:
                 log.warning(f"refused a connection: {interception.refusal}")
+                metrics.CONNECTIONS_CLOSED.labels("unnamed_endpoint_address").inc()
                 data.server.error = f"keycourier: {interception.refusal}"
                 return
         if data.server.id in self._tunnel_servers:

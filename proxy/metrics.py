@@ -16,6 +16,9 @@ REGISTRY = CollectorRegistry()
 REQUESTS = Counter("keycourier_requests", "Requests to policy endpoints, by what keycourier decided",
                    ["provider", "operation", "rule", "action", "outcome"], registry=REGISTRY)
 REFUSALS = Counter("keycourier_refusals", "Requests keycourier answered itself, by reason", ["reason"], registry=REGISTRY)
+CONNECTIONS_CLOSED = Counter("keycourier_connections_closed",
+                             "Connections to object stores keycourier closed instead of relaying, by reason",
+                             ["reason"], registry=REGISTRY)
 KEYS_INJECTED = Counter("keycourier_keys_injected", "Keys added to forwarded requests", ["provider", "key"], registry=REGISTRY)
 TRANSLATIONS = Counter("keycourier_translations", "Client keys carried over from one dialect into another",
                        ["from_dialect", "to_dialect"], registry=REGISTRY)

@@ -9,7 +9,7 @@ class Refusal:
     status: int
     code: str  # the provider's error code, so SDKs show it as they would the provider's own
     message: str  # safe to show: names rules and keys, never their material
-    reason: str  # fixed vocabulary: deny, no_rule, tls, key_unavailable, bad_signature, client_key, presigned, bad_request, unencryptable, translation
+    reason: str  # fixed vocabulary: deny, no_rule, tls, key_unavailable, bad_signature, client_key, presigned, unclassifiable, too_large, unencryptable, translation
 
 
 class Refused(Exception):

@@ -23,7 +23,7 @@ def key_spellings(material: bytes) -> set[bytes]:
 
 
 def _lower_percent_escapes(text: str) -> str:
-    return "".join(part[:2].lower() + part[2:] if i else part for i, part in enumerate(text.split("%")))
+    return "%".join(part[:2].lower() + part[2:] if i else part for i, part in enumerate(text.split("%")))
 
 
 def keys_in(headers: Iterable[tuple[str, str]], secret_names: Iterable[str]) -> list[bytes]:

@@ -36,6 +36,12 @@ def request(method, target, host="127.0.0.1", port=10000, **headers):
     ("GET", "/acct/c?restype=container&comp=list", {}, "ListBlobs"),
     ("GET", "/acct/?comp=list", {}, "ListContainers"),
     ("PUT", "/acct/c/b?comp=made-up", {}, "Other"),
+    ("PUT", "/acct/c?restype=container&comp=metadata", {}, "SetContainerMetadata"),
+    ("PUT", "/acct/c?restype=container&comp=acl", {}, "SetContainerACL"),
+    ("POST", "/acct/c?restype=container&comp=batch", {}, "SubmitBatch"),
+    ("POST", "/acct/?comp=batch", {}, "SubmitBatch"),
+    ("GET", "/acct/?restype=service&comp=properties", {}, "GetBlobServiceProperties"),
+    ("PUT", "/acct/rootblob", {"x_ms_blob_type": "BlockBlob"}, "PutBlob"),
 ])
 def test_operations(method, target, headers, name):
     operation = azure.classify(request(method, target, **headers))
@@ -47,7 +53,10 @@ def test_operations(method, target, headers, name):
     ("acct.blob.core.windows.net", "/c/dir/b.txt", "*.blob.core.windows.net", ("acct", "c", "dir/b.txt")),
     ("127.0.0.1", "/acct/c/dir/b.txt", "127.0.0.1:10000", ("acct", "c", "dir/b.txt")),
     ("acct.blob.storage.internal", "/c/b", "*.blob.storage.internal", ("acct", "c", "b")),
-    ("acct.blob.core.windows.net", "/c", "*.blob.core.windows.net", ("acct", "c", None)),
+    ("acct.blob.core.windows.net", "/c?restype=container", "*.blob.core.windows.net", ("acct", "c", None)),
+    # A lone name is a blob in the root container, as Azure reads it.
+    ("acct.blob.core.windows.net", "/b.txt", "*.blob.core.windows.net", ("acct", "$root", "b.txt")),
+    ("127.0.0.1", "/acct/b.txt", "127.0.0.1:10000", ("acct", "$root", "b.txt")),
 ])
 def test_account_container_and_blob(host, target, endpoint, where):
     operation = azure.classify(request("GET", target, host=host, port=443), endpoint)

@@ -177,3 +177,67 @@ def test_copy_from_a_denied_source_is_refused(policy):
     decision = run(policy, signed("PUT", "/archive-1/x", headers={"x-amz-copy-source": "/secret-x/plans.txt"}))
     assert (decision.refusal.status, decision.refusal.reason) == (403, "deny")
     assert "bucket secret-x" in decision.refusal.message and "plans.txt" not in decision.refusal.message
+
+
+@pytest.mark.parametrize("path", ["//payroll-eu/a", "/payroll-eu/a//b", "/public-web/../payroll-eu/a", "/public-web/%2e/a",
+                                  "/pay%72oll-eu/a", "/public-web/a%5Cb", "/public-web/a;b", "/public-web/a%00b", "/public-web/%ff"])
+def test_paths_servers_read_differently_are_refused(policy, path):
+    decision = run(policy, signed("PUT", path))
+    assert (decision.refusal.status, decision.refusal.reason) == (400, "unclassifiable")
+    assert "payroll" not in decision.refusal.message and "public" not in decision.refusal.message  # no names in logs
+
+
+def test_a_trailing_slash_names_a_folder_object(policy):
+    decision = run(policy, signed("PUT", "/payroll-eu/folder/"))
+    assert isinstance(decision, Forward) and decision.audit.key == "payroll"
+
+
+@pytest.mark.parametrize("changes, status", [
+    ({"headers": {f"x-amz-meta-h{n}": "v" for n in range(250)}}, 400),
+    ({"headers": {"x-amz-meta-big": "v" * 40_000}}, 400),
+    ({"path": "/public-web/" + "k" * 17_000}, 414),
+])
+def test_oversized_requests_are_refused_before_anything_is_re_signed(policy, changes, status):
+    decision = run(policy, signed("PUT", changes.get("path", "/public-web/a"), headers=changes.get("headers")))
+    assert (decision.refusal.status, decision.refusal.reason) == (status, "too_large")
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("PROPFIND", "/payroll-eu/a", 403), ("OPTIONS", "/payroll-eu", 403), ("BREW", "/secret-x/a", 403),
+    ("PATCH", "/payroll-eu", 403),
+])
+def test_methods_and_operations_keycourier_cannot_name_are_refused_under_encrypt_and_deny(policy, method, path, status):
+    decision = run(policy, signed(method, path))
+    assert isinstance(decision, Refuse) and decision.refusal.status == status
+
+
+def test_an_unknown_method_under_passthrough_is_forwarded_untouched(policy):
+    sent = signed("PROPFIND", "/public-web/a")
+    assert run(policy, sent).request is sent
+
+
+def test_a_bulk_delete_is_judged_by_the_strictest_rule_its_objects_can_fall_under(policy, tmp_path):
+    mixed = parse_policy("""
+version: 1
+endpoints: [{host: "127.0.0.1:9000", provider: s3}]
+rules:
+  - {match: {provider: s3, bucket: "shared", prefix: "hr/"}, action: deny}
+  - {match: {provider: s3, bucket: "shared"}, action: passthrough}
+""")
+    decision = run(mixed, signed("POST", "/shared?delete"))
+    assert (decision.refusal.status, decision.refusal.reason) == (403, "deny")
+
+
+def test_an_endpoint_reached_under_another_name_refuses_every_request(policy):
+    sent = signed("GET", "/public-web/a", host="localhost", port=9000)
+    decision = run(policy, sent, address="127.0.0.1")
+    assert (decision.refusal.status, decision.refusal.reason) == (400, "unclassifiable")
+    decision = run(policy, signed("GET", "/public-web/a"), server_name="other.example")
+    assert (decision.refusal.status, decision.refusal.reason) == (400, "unclassifiable")
+
+
+@pytest.mark.parametrize("extra", [{"Upgrade": "h2c"}, {"host": "second.example"}])
+def test_upgrades_and_a_second_host_header_are_refused(policy, extra):
+    sent = signed("GET", "/public-web/a")
+    sent = Request(sent.method, sent.scheme, sent.host, sent.port, sent.target, sent.headers + tuple(extra.items()))
+    assert run(policy, sent).refusal.status == 400

@@ -209,3 +209,39 @@ def test_provider_specific_fields_are_checked(edit, reason):
     assert old in MULTI
     with pytest.raises(PolicyError, match=re.escape(reason)):
         parse_policy(MULTI.replace(old, new))
+
+
+def test_the_strictest_rule_a_bulk_request_can_reach():
+    policy = parse_policy("""
+version: 1
+endpoints: []
+rules:
+  - {match: {provider: s3, bucket: "mixed", prefix: "secret/"}, action: deny}
+  - {match: {provider: s3, bucket: "mixed"}, action: passthrough}
+  - {match: {provider: s3, bucket: "open"}, action: passthrough}
+  - {match: {provider: s3, bucket: "half", prefix: "a/"}, action: passthrough}
+  - {match: {provider: azure, account: "acct", bucket: "c1"}, action: passthrough}
+  - {match: {provider: "*"}, action: deny}
+""")
+    assert policy.strictest_rule_for("s3", "mixed").action == "deny"  # some of its objects are denied
+    assert policy.strictest_rule_for("s3", "open").action == "passthrough"  # the catch-all deny is not reached
+    assert policy.strictest_rule_for("s3", "half").action == "deny"  # objects outside a/ fall to the deny
+    assert policy.strictest_rule_for("azure", None, "acct").action == "deny"  # any container of the account
+    assert parse_policy("version: 1\nendpoints: []\nrules: [{match: {provider: s3, bucket: b, prefix: p/}, action: passthrough}]\n"
+                        ).strictest_rule_for("s3", "b") is None  # objects outside p/ fall under no rule
+
+
+@pytest.mark.parametrize("credentials, reason", [
+    ("a: {file: a.yaml, access_key_id: AK1, account_name: acct}", "declares both access_key_id and account_name"),
+    ("a: {file: a.yaml, access_key_id: AK1}\n  b: {file: b.yaml, access_key_id: AK1}", "access key id AK1 is declared by credential 'a' too"),
+    ("a: {file: a.yaml, access_key_id: ''}", "access_key_id must be a non-empty string"),
+    ("a: {access_key_id: AK1}", "needs exactly one source"),
+])
+def test_declared_credential_ids_are_validated(credentials, reason):
+    with pytest.raises(PolicyError, match=re.escape(reason)):
+        parse_policy(f"version: 1\nendpoints: []\ncredentials:\n  {credentials}\nrules: []\n")
+
+
+def test_keys_take_no_access_key_id():
+    with pytest.raises(PolicyError, match="unknown field 'access_key_id'"):
+        parse_policy("version: 1\nendpoints: []\nkeys: {k: {file: k.key, access_key_id: AK1}}\nrules: []\n")

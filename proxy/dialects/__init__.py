@@ -80,12 +80,16 @@ def name_s3_style_operation(request, bucket: str | None, object_key: str | None,
 
 
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
+# RFC 3986 path characters, but ';' (path parameters, which some servers strip): what SDKs send unencoded.
+_RAW_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/%]*")
 
 
 def decoded_path(raw_path: str) -> str:
     """The percent-decoded path, refused in the forms that providers and S3-compatible servers read
     differently (merging slashes, resolving dot segments; docs/paths.md): keycourier must see the same
     bucket and object as the provider. Messages never quote the path: object names go to logs."""
+    if not _RAW_PATH.fullmatch(raw_path):
+        raise BadRequest("the path has a character that must be percent-encoded (servers read it differently)")
     try:
         path = unquote(raw_path, errors="strict")
     except UnicodeDecodeError:

@@ -71,9 +71,13 @@ DATA_READS = frozenset({"GetBlob"})
 BULK_OPERATIONS = frozenset({"SubmitBatch"})
 
 
+ROOT_CONTAINER = "$root"
+
+
 def classify(request: Request, endpoint_host: str = "") -> Operation:
-    where = locate(request.host, request.path, endpoint_host)
     params = dict(request.query)
+    where = locate(request.host, request.path, endpoint_host, root_blobs=params.get("restype") != "container"
+                   and params.get("comp") not in ("list", "batch"))
     method = request.method.upper()
     if method == "POST" and params.get("comp") == "batch" and where.object_key is None:
         name = "SubmitBatch"
@@ -88,9 +92,10 @@ def classify(request: Request, endpoint_host: str = "") -> Operation:
                      accepts_encryption=name in KEY_OPERATIONS, account=where.account)
 
 
-def locate(host: str, raw_path: str, endpoint_host: str) -> ObjectRef:
+def locate(host: str, raw_path: str, endpoint_host: str, *, root_blobs: bool = True) -> ObjectRef:
     """Account, container and blob: `<account>.blob.core.windows.net/<container>/<blob>`, or the
-    emulator's (Azurite's) `host:port/<account>/<container>/<blob>`."""
+    emulator's (Azurite's) `host:port/<account>/<container>/<blob>`. With `root_blobs`, a lone name
+    is what Azure reads it as: a blob in the root container ($root), not a container."""
     path = decoded_path(raw_path).removeprefix("/")
     found = _ACCOUNT_HOST.match(host)
     account = found["account"] if found else bucket_in_host(host, endpoint_host)
@@ -99,7 +104,9 @@ def locate(host: str, raw_path: str, endpoint_host: str) -> ObjectRef:
         account, _, path = path.partition("/")
         names = 2
     leading_segment(raw_path, names)
-    container, _, blob = path.partition("/")
+    container, slash, blob = path.partition("/")
+    if root_blobs and container and not slash:
+        container, blob = ROOT_CONTAINER, container
     return ObjectRef(container or None, blob or None, account or None)
 
 
