@@ -5,6 +5,7 @@ Also a mitmproxy script: `mitmdump -s addons/keycourier.py --set keycourier_poli
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -29,6 +30,8 @@ from mitmproxy.proxy.utils import expect
 from keycourier import logs, metrics, pipeline
 from keycourier.audit import FORMATS, audit_record, format_record
 from keycourier.destination import Destination, EndpointAddresses, Interception, intercept
+from keycourier.fallback import ATTEMPT_HEADER, FallbackForwarder, Parked
+from keycourier.fallback import TOKEN_HEADER as FALLBACK_TOKEN_HEADER
 from keycourier.hostnames import is_ip_literal
 from keycourier.keys import NotCached, Secrets
 from keycourier.message import Request
@@ -36,6 +39,8 @@ from keycourier.policy import PolicyError, PolicyFile
 from keycourier.response import explain_upstream_error, header_safe, redact_headers, translate_response
 from keycourier.scrub import KeyScrubber, keys_in
 from keycourier.sink import TOKEN_HEADER, Answer, RefusalSink, framing_headers
+from keycourier.tls import upstream_context
+from keycourier.versions import KeyChoice, KeyVersions
 
 log = logging.getLogger("keycourier")
 
@@ -51,6 +56,7 @@ class KeyCourier:
         self.secrets = secrets or Secrets()
         self.policy_file: PolicyFile | None = None
         self.addresses = EndpointAddresses()
+        self.versions = KeyVersions()  # which key version objects were last read or written with
         self.generation = 0  # counts policies and endpoint addresses taking effect; tunnels re-check on change
         self._watcher: asyncio.Task | None = None
         # Decisions hold key material until it is sent: kept beside the flow, never in flow.metadata,
@@ -60,8 +66,10 @@ class KeyCourier:
         # The start of each provider error the client got (scrubbed), to explain it in the log.
         self._error_starts: weakref.WeakKeyDictionary[http.HTTPFlow, bytearray] = weakref.WeakKeyDictionary()
         self._tunnel_servers: set[str] = set()
+        self._served: weakref.WeakKeyDictionary[http.HTTPFlow, KeyChoice] = weakref.WeakKeyDictionary()
         self._metrics_server = None
         self._sink: RefusalSink | None = None
+        self._fallback: FallbackForwarder | None = None
 
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
@@ -101,8 +109,9 @@ class KeyCourier:
     def done(self):
         if self._watcher:
             self._watcher.cancel()
-        if self._sink:
-            self._sink.close()
+        for listener in (self._sink, self._fallback):
+            if listener:
+                listener.close()
         if self._metrics_server:
             self._metrics_server.shutdown()
 
@@ -215,7 +224,9 @@ class KeyCourier:
             else:
                 self._send_to_sink(flow, answer)
             return
-        if decision.audit.provider:
+        if decision.attempts:
+            self._send_to_fallback(flow, decision)
+        elif decision.audit.provider:
             apply_request(flow.request, decision.request, changed=decision.request is not request)
             flow.request.stream = metrics.counting(decision.audit.provider, "upload", decision.body)
         else:
@@ -228,7 +239,7 @@ class KeyCourier:
             try:
                 return pipeline.handle_request(request, client_tls=client_tls, destination=destination,
                                                policy=self.policy_file.current, addresses=self.addresses,
-                                               secrets=self.secrets)
+                                               secrets=self.secrets, versions=self.versions)
             except NotCached as missing:
                 await asyncio.wait([asyncio.wrap_future(load) for load in missing.loads])
 
@@ -245,6 +256,20 @@ class KeyCourier:
                                                      *framing_headers(flow.request.headers.items(multi=True))]))
         flow.request.stream = True
 
+    def _send_to_fallback(self, flow: http.HTTPFlow, decision: pipeline.Forward):
+        """A read whose object may be under an older key version: tried by the fallback forwarder (keycourier.fallback)."""
+        if self._fallback is None:
+            self._fallback = FallbackForwarder(upstream_context(ctx.options.ssl_verify_upstream_trusted_ca))
+        provider = decision.audit.provider
+        judge = functools.partial(pipeline.DIALECTS[provider].read_outcome, source=decision.read.source)
+        requests = [attempt.request for attempt in decision.attempts]
+        plaintext_at = next((n for n, a in enumerate(decision.attempts) if a.choice.version is None), None)
+        token = self._fallback.park(Parked(requests, plaintext_at, judge))
+        host, port = self._fallback.address
+        flow.request.scheme, flow.request.host, flow.request.port, flow.request.authority = "http", host, port, ""
+        flow.request.headers = http.Headers(_encode([("host", f"{host}:{port}"), (FALLBACK_TOKEN_HEADER, token)]))
+        flow.request.stream = metrics.counting(provider, "upload")
+
     def responseheaders(self, flow: http.HTTPFlow):
         self._scrub_request(flow)
         decision = self._decisions.get(flow)
@@ -255,8 +280,11 @@ class KeyCourier:
         if flow.response.status_code == 101:
             flow.kill()  # an object store switching protocols would relay raw bytes: closed
             return
-        scrubber = KeyScrubber(keys_in(decision.request.headers, pipeline.SECRET_HEADERS))
+        self._learn_key_version(flow, decision)
+        sent = [decision.request, *(attempt.request for attempt in decision.attempts)]
+        scrubber = KeyScrubber([key for request in sent for key in keys_in(request.headers, pipeline.SECRET_HEADERS)])
         headers = redact_headers(tuple(flow.response.headers.items(multi=True)), pipeline.SECRET_HEADERS)
+        headers += self._plaintext_hint(flow, decision)
         if decision.respond_as:
             headers = translate_response(headers, decision.audit.provider, decision.respond_as)
         body = None
@@ -269,6 +297,30 @@ class KeyCourier:
         flow.response.stream = metrics.counting(decision.audit.provider, "download", body)
         if flow.response.status_code >= 400:
             flow.response.stream = _keeping_start(flow.response.stream, self._error_starts.setdefault(flow, bytearray()))
+
+    def _learn_key_version(self, flow: http.HTTPFlow, decision: pipeline.Forward):
+        """Which key version answered (the fallback forwarder says which attempt), remembered for the object."""
+        tried = flow.response.headers.pop(ATTEMPT_HEADER, None)
+        served = decision.attempts[int(tried)].choice if tried is not None and decision.attempts else None
+        ok = flow.response.status_code < 300
+        if served:
+            self._served[flow] = served
+            metrics.KEY_VERSION_FALLBACKS.labels(served.key_name, fallback_outcome(served, int(tried), ok)).inc()
+        remembered = served if served and ok else decision.written if ok else None
+        if remembered:
+            self.versions.remember(remembered)
+
+    def _plaintext_hint(self, flow: http.HTTPFlow, decision: pipeline.Forward) -> list[tuple[str, str]]:
+        """A read refused by the provider because the object has no customer key: the client is told which
+        policy option reads it (the provider's own answer is kept)."""
+        if not (decision.read and decision.read.plaintext_refusal and flow.response.status_code >= 400):
+            return []
+        headers = {name.lower(): value for name, value in flow.response.headers.items()}
+        if pipeline.DIALECTS[decision.audit.provider].read_outcome(flow.response.status_code, headers, b"",
+                                                                   source=decision.read.source) != "plaintext":
+            return []
+        log.warning(f"{decision.audit.provider} bucket {decision.audit.bucket}: {decision.read.plaintext_refusal}")
+        return [("x-keycourier-error", decision.read.plaintext_refusal)]
 
     def response(self, flow: http.HTTPFlow):
         self._audit(flow)
@@ -296,6 +348,9 @@ class KeyCourier:
             return
         refusal = decision.refusal if isinstance(decision, pipeline.Refuse) else None
         audit = decision.audit if refusal or flow.response else replace(decision.audit, outcome="failed")
+        served = self._served.get(flow)
+        if served:
+            audit = replace(audit, key_version=served.version or "none", key_fingerprint=served.fingerprint)
         end = flow.response.timestamp_start if flow.response else (flow.error.timestamp if flow.error else flow.request.timestamp_start)
         record = audit_record(
             plain_request(flow.request, flow.request.host), audit, client=f"{flow.client_conn.peername[0]}",
@@ -343,6 +398,14 @@ class UntouchedTunnel(layers.TCPLayer):
             yield commands.CloseConnection(self.context.client)
             return
         yield from super().relay_messages(event)
+
+
+def fallback_outcome(served: KeyChoice, tried: int, ok: bool) -> str:
+    if not ok:
+        return "none"  # no key version served: the provider's own answer went back
+    if served.version is None:
+        return "plaintext"
+    return "first" if tried == 0 else "older"
 
 
 def connection_destination(context, data_client: bytes, data_server: bytes) -> Destination:

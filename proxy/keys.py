@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,9 +29,10 @@ TRANSIENT_VAULT_OUTCOMES = frozenset({"unreachable", "sealed"})
 class KeyUnavailable(Exception):
     """The key or credential cannot be had. The reason names it, never shows it."""
 
-    def __init__(self, reason: str, *, transient: bool = False):
+    def __init__(self, reason: str, *, transient: bool = False, missing: bool = False):
         super().__init__(reason)
         self.transient = transient  # the source could not be reached, as opposed to answering no
+        self.missing = missing  # the source answered that there is no such secret (or version)
 
 
 @dataclass(frozen=True)
@@ -232,13 +233,39 @@ class Secrets:
         return self.cache.get(entry, policy.key_cache_ttl, load, stale_for=policy.key_cache_stale_ttl,
                               failure_ttl=policy.key_cache_failure_ttl)
 
+    def read_keys(self, policy: Policy, spec: SecretSpec) -> tuple[Key, ...]:
+        """Every key an object under `spec` may have been written with: the write key first, then the older
+        ones newest first (a file key's previous_files; a Vault key's versions back to min_version, skipping
+        those Vault reports deleted or destroyed)."""
+        return self._cached(policy, ("read keys", spec), lambda: self._load_read_keys(policy, spec))
+
     def _load_key(self, policy: Policy, spec: SecretSpec) -> Key:
         if spec.file:
-            return Key(spec.name, "file", decode_key(spec.name, read_private_file(spec.file, f"key {spec.name!r}")))
-        fields, version = self._read_vault(policy, spec.vault, f"key {spec.name!r}")
-        if spec.vault.field not in fields:
-            raise KeyUnavailable(f"key {spec.name!r}: Vault secret {spec.vault.api_path} has no field {spec.vault.field!r}")
-        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[spec.vault.field])))
+            return self._file_key(spec, spec.file, "file")
+        return self._vault_key(policy, spec, spec.vault)
+
+    def _load_read_keys(self, policy: Policy, spec: SecretSpec) -> tuple[Key, ...]:
+        write = self._load_key(policy, spec)
+        if spec.file:
+            return (write, *(self._file_key(spec, path, f"previous-{n}") for n, path in enumerate(spec.previous_files, 1)))
+        latest = self._vault_key(policy, spec, replace(spec.vault, version=None))
+        older = []
+        for version in range(int(latest.version[1:]) - 1, (spec.vault.min_version or 1) - 1, -1):
+            try:
+                older.append(self._vault_key(policy, spec, replace(spec.vault, version=version)))
+            except KeyUnavailable as exc:
+                if not exc.missing:
+                    raise
+        return (write, *(key for key in (latest, *older) if key.version != write.version))
+
+    def _file_key(self, spec: SecretSpec, path: Path, version: str) -> Key:
+        return Key(spec.name, version, decode_key(spec.name, read_private_file(path, f"key {spec.name!r}")))
+
+    def _vault_key(self, policy: Policy, spec: SecretSpec, ref: VaultSecretRef) -> Key:
+        fields, version = self._read_vault(policy, ref, f"key {spec.name!r}")
+        if ref.field not in fields:
+            raise KeyUnavailable(f"key {spec.name!r}: Vault secret {ref.api_path} has no field {ref.field!r}")
+        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[ref.field])))
 
     def _load_credential(self, policy: Policy, spec: SecretSpec) -> Credential:
         what = f"credential {spec.name!r}"
@@ -263,7 +290,8 @@ class Secrets:
         try:
             return self._vault(policy).read_kv2(ref)
         except VaultError as exc:
-            raise KeyUnavailable(f"{what}: {exc}", transient=exc.outcome in TRANSIENT_VAULT_OUTCOMES) from None
+            raise KeyUnavailable(f"{what}: {exc}", transient=exc.outcome in TRANSIENT_VAULT_OUTCOMES,
+                                 missing=exc.outcome == "not_found") from None
 
     def vault_problem(self, policy: Policy) -> str | None:
         """Why Vault cannot serve this policy's keys right now, or None (also when it needs no Vault)."""

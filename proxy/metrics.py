@@ -16,6 +16,10 @@ REGISTRY = CollectorRegistry()
 REQUESTS = Counter("keycourier_requests", "Requests to policy endpoints, by what keycourier decided",
                    ["provider", "operation", "rule", "action", "outcome"], registry=REGISTRY)
 REFUSALS = Counter("keycourier_refusals", "Requests keycourier answered itself, by reason", ["reason"], registry=REGISTRY)
+KEY_VERSION_FALLBACKS = Counter("keycourier_key_version_fallbacks",
+                                "Reads tried with more than one key version, by key and which served: the first "
+                                "try, an older version, no key (plaintext), or none", ["key", "outcome"],
+                                registry=REGISTRY)
 CONNECTIONS_CLOSED = Counter("keycourier_connections_closed",
                              "Connections to object stores keycourier closed instead of relaying, by reason",
                              ["reason"], registry=REGISTRY)

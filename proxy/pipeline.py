@@ -20,6 +20,7 @@ from keycourier.message import Request
 from keycourier.policy import Endpoint, Policy, Rule
 from keycourier.refusals import Refusal, Refused
 from keycourier.tls import check_tls
+from keycourier.versions import PLAINTEXT, KeyChoice, KeyVersions
 
 # A provider is a dialect module plus a signer module of the same name.
 DIALECTS: dict[str, ModuleType] = {name: importlib.import_module(f"keycourier.dialects.{name}") for name in PROVIDERS}
@@ -57,12 +58,31 @@ class RespondAs:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One way to send a request whose object may be under an older key version, or stored in plaintext."""
+
+    request: Request
+    choice: KeyChoice
+
+
+@dataclass(frozen=True)
 class Forward:
     request: Request
     body: Callable[[bytes], bytes] | None = None  # stream transform of the request body, if it must change
     secret_headers: tuple[str, ...] = ()  # header names to redact once sent
     audit: Audit = field(default_factory=Audit)
     respond_as: RespondAs | None = None
+    # Tried in turn, until the provider does not answer "wrong key" (or "no customer key"), when the object's
+    # key version is not known; `request` is the first of them.
+    attempts: tuple[Attempt, ...] = ()
+    written: KeyChoice | None = None  # what a write gives its object, remembered once it succeeds
+    read: ReadCheck | None = None  # for requests with an existing object's key: how to read the answer
+
+
+@dataclass(frozen=True)
+class ReadCheck:
+    source: bool  # the key is a copy's source's
+    plaintext_refusal: str | None  # why a plaintext object is not read (plaintext_reads: deny), to tell the client
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,8 @@ class Refuse:
 
 
 def handle_request(request: Request, *, client_tls: bool, destination: Destination, policy: Policy,
-                   addresses: EndpointAddresses, secrets: Secrets, now: datetime | None = None) -> Forward | Refuse:
+                   addresses: EndpointAddresses, secrets: Secrets, versions: KeyVersions,
+                   now: datetime | None = None) -> Forward | Refuse:
     """`request.host` is `destination.host`, canonical. Raises keys.NotCached when a key or credential
     must be loaded first: the caller waits for it without blocking other requests and asks again."""
     interception = intercept(policy, addresses, destination)
@@ -101,10 +122,21 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
         translated, encryption, respond_as = translate_dialect(request, client_keys, dialect, operation, encryption, policy)
         if respond_as:
             audit = replace(audit, translation=f"{respond_as.dialect}->{dialect.PROVIDER}")
-        rendered, added = render_dialect(dialect, translated, encryption)
-        signed, body = re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
-                               now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
-        return Forward(signed, body, SECRET_HEADERS, audit, respond_as)
+
+        def prepare(variant: Encryption):
+            rendered, added = render_dialect(dialect, translated, variant)
+            return re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
+                           now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
+
+        signed, body = prepare(encryption)
+        keyed = keyed_object(dialect, operation, rule, source_rule, encryption)
+        attempts = () if respond_as else tuple(
+            Attempt(prepare(variant)[0], choice)
+            for variant, choice in plan_fallback(request, dialect, keyed, encryption, policy, secrets, versions))
+        written = (KeyChoice(operation.target, encryption.key.name, encryption.key.version)
+                   if encryption.key and operation.name in dialect.WRITE_OPERATIONS else None)
+        return Forward(attempts[0].request if attempts else signed, body, SECRET_HEADERS, audit, respond_as,
+                       attempts, written, read_check(keyed))
     except Refused as refused:
         content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
         return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
@@ -217,6 +249,59 @@ def plan_encryption(dialect: ModuleType, request: Request, operation: Operation,
     return EncryptionPlan(
         key=rule.key if encrypting and operation.accepts_encryption else None,
         source_key=source_rule.key if source_encrypted and operation.name in dialect.SOURCE_KEY_OPERATIONS else None)
+
+
+class KeyedObject(NamedTuple):
+    slot: str  # the Encryption field holding its key: "key", or "source_key" for a copy's source
+    where: ObjectRef
+    rule: Rule
+
+
+def keyed_object(dialect: ModuleType, operation: Operation, rule: Rule, source_rule: Rule | None,
+                 encryption: Encryption) -> KeyedObject | None:
+    """The existing object whose key keycourier supplies in this request: its own (reads, metadata), or a copy's
+    source. After a key rotation it may be under an older version of that key."""
+    if encryption.key and operation.name in dialect.FALLBACK_READS:
+        return KeyedObject("key", operation.target, rule)
+    if encryption.source_key:
+        return KeyedObject("source_key", operation.copy_source, source_rule)
+    return None
+
+
+def plan_fallback(request: Request, dialect: ModuleType, keyed: KeyedObject | None, encryption: Encryption,
+                  policy: Policy, secrets: Secrets, versions: KeyVersions) -> list[tuple[Encryption, KeyChoice]]:
+    """The keys to try, in order, for an object that may be under an older version of its key (or, where
+    the rule allows plaintext reads, stored without one): none when there is only one way, or when the
+    object is known to be under the key a write would use. Only bodiless requests (reads, copies) can be
+    sent again; the first try is the remembered version, else the newest."""
+    if keyed is None or request.header("content-length") not in (None, "0") or request.header("transfer-encoding"):
+        return []
+    written = getattr(encryption, keyed.slot)
+    options = [*get_read_keys(policy, secrets, keyed.rule.key)] + ([None] if keyed.rule.plaintext_reads == "allow" else [])
+    remembered = versions.recall(keyed.where, written.name)
+    if len(options) == 1 or remembered == written.version:
+        return []
+    options.sort(key=lambda key: (key.version if key else PLAINTEXT) != remembered)  # stable: the rest stay in order
+    return [(replace(encryption, **{keyed.slot: key}),
+             KeyChoice(keyed.where, written.name, key and key.version, key and dialect.key_fingerprint(key)))
+            for key in options]
+
+
+def read_check(keyed: KeyedObject | None) -> ReadCheck | None:
+    if keyed is None:
+        return None
+    refusal = None if keyed.rule.plaintext_reads == "allow" else (
+        f"the object is stored without a customer key and {keyed.rule.name} has plaintext_reads: deny; set "
+        "plaintext_reads: allow on it to read objects written before the bucket was encrypted")
+    return ReadCheck(keyed.slot == "source_key", refusal)
+
+
+def get_read_keys(policy: Policy, secrets: Secrets, name: str) -> tuple[Key, ...]:
+    try:
+        return secrets.read_keys(policy, policy.keys[name])
+    except KeyUnavailable as exc:
+        raise Refused(503, "ServiceUnavailable", f"cannot get the versions of key {name!r}: {exc}; the request was "
+                      "not forwarded", "key_unavailable") from None
 
 
 def get_keys(policy: Policy, secrets: Secrets, plan: EncryptionPlan) -> Encryption:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ from keycourier.hostnames import canonical_host
 
 ACTIONS = ("encrypt", "passthrough", "deny")
 ACTIONS_BY_STRICTNESS = ("passthrough", "encrypt", "deny")
+PLAINTEXT_READS = ("deny", "allow")
 DEFAULT_KEY_CACHE_TTL = 300.0
 DEFAULT_KEY_CACHE_STALE_TTL = 300.0
 DEFAULT_KEY_CACHE_FAILURE_TTL = 5.0
@@ -32,7 +33,8 @@ class VaultSecretRef:
     mount: str
     path: str
     field: str
-    version: int | None = None
+    version: int | None = None  # pinned: writes use this version instead of the latest
+    min_version: int | None = None  # the oldest version reads still accept (None: all)
 
     @property
     def api_path(self) -> str:
@@ -47,6 +49,7 @@ class SecretSpec:
     line: int
     vault: VaultSecretRef | None = None
     file: Path | None = None
+    previous_files: tuple[Path, ...] = ()  # a file key's older keys, newest first: reads still accept them
     declared_id: str | None = None  # a credential's access key id (Azure: account name), given in the policy
 
 
@@ -103,6 +106,7 @@ class Rule:
     account: str = "*"  # Azure storage account
     oss_sse: str | None = None  # OSS has no customer keys: its own encryption, by algorithm
     kms_key_id: str | None = None
+    plaintext_reads: Literal["deny", "allow"] = "deny"  # objects stored before the bucket was encrypted
 
     @property
     def name(self) -> str:
@@ -369,40 +373,58 @@ class _PolicyReader:
             mount=self.string(spec, "mount") if "mount" in spec else None,
         )
 
-    def secret_source(self, kind: str, name: str, value: Any, line: int, *, field_required: bool) -> SecretSpec:
-        ids = set() if field_required else set(CREDENTIAL_IDS)
-        entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file", *ids})
-        declared = [self.string(entry, id_field) for id_field in CREDENTIAL_IDS if id_field in entry]
-        if len(declared) > 1:
-            raise _NodeError(line, f"{kind} {name!r} declares both access_key_id and account_name: give one")
-        if len(entry) - len(declared) != 1:
+    def secret_source(self, kind: str, name: str, value: Any, line: int, *, entry_fields: set[str],
+                      vault_fields: set[str]) -> tuple[SecretSpec, _Mapping]:
+        """A key's or credential's source (Vault KV v2 or a file), and its entry for the fields of its kind."""
+        entry = self.mapping(value, f"{kind} {name!r}", line, optional={"vault", "file", *entry_fields})
+        if ("vault" in entry) == ("file" in entry):
             raise _NodeError(line, f"{kind} {name!r} needs exactly one source: vault or file")
-        declared_id = declared[0] if declared else None
         if "file" in entry:
-            return SecretSpec(name, line, file=self.path(entry, "file"), declared_id=declared_id)
+            return SecretSpec(name, line, file=self.path(entry, "file")), entry
         ref = self.mapping(entry["vault"], f"{kind} {name!r} vault", entry.lines["vault"], required={"path"},
-                           optional={"field", "version"} if field_required else {"version"})
+                           optional=vault_fields)
         api_path = self.string(ref, "path")
         mount, sep, secret_path = api_path.strip("/").partition("/data/")
         if not sep or not mount or not secret_path:
             raise _NodeError(ref.lines["path"], f"vault path {api_path!r} is not a KV v2 path of the form <mount>/data/<path>")
-        version = ref.get("version")
-        if version is not None and (not isinstance(version, int) or version < 1):
-            raise _NodeError(ref.lines["version"], "vault version must be a positive integer")
-        field_name = self.string(ref, "field", default="key") if field_required else ""
-        return SecretSpec(name, line, vault=VaultSecretRef(mount, secret_path, field_name, version), declared_id=declared_id)
+        version, min_version = self.positive_int(ref, "version"), self.positive_int(ref, "min_version")
+        if version and min_version and min_version > version:
+            raise _NodeError(ref.lines["min_version"], f"min_version {min_version} is newer than the pinned version {version}")
+        field_name = self.string(ref, "field", default="key") if "field" in vault_fields else ""
+        return SecretSpec(name, line, vault=VaultSecretRef(mount, secret_path, field_name, version, min_version)), entry
+
+    def positive_int(self, parent: _Mapping, name: str) -> int | None:
+        value = parent.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _NodeError(parent.lines[name], f"vault {name} must be a positive integer")
+        return value
 
     def key(self, name: str, value: Any, line: int) -> SecretSpec:
-        return self.secret_source("key", name, value, line, field_required=True)
+        spec, entry = self.secret_source("key", name, value, line, entry_fields={"previous_files"},
+                                         vault_fields={"field", "version", "min_version"})
+        if "previous_files" not in entry:
+            return spec
+        if spec.vault:
+            raise _NodeError(entry.lines["previous_files"], "previous_files goes with a file key (a Vault key keeps "
+                                                            "its old versions: see min_version)")
+        files = entry["previous_files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise _NodeError(entry.lines["previous_files"], "previous_files must be a list of key file paths, newest first")
+        return replace(spec, previous_files=tuple((self.base_dir / f).absolute() for f in files))
 
     def credential(self, name: str, value: Any, line: int) -> SecretSpec:
-        spec = self.secret_source("credential", name, value, line, field_required=False)
-        if spec.declared_id and spec.declared_id in self.declared_ids:
-            raise _NodeError(line, f"credential {name!r}: access key id {spec.declared_id} is declared by "
-                                   f"credential {self.declared_ids[spec.declared_id]!r} too")
-        if spec.declared_id:
-            self.declared_ids[spec.declared_id] = name
-        return spec
+        spec, entry = self.secret_source("credential", name, value, line, entry_fields=set(CREDENTIAL_IDS),
+                                         vault_fields={"version"})
+        declared = [self.string(entry, id_field) for id_field in CREDENTIAL_IDS if id_field in entry]
+        if len(declared) > 1:
+            raise _NodeError(line, f"credential {name!r} declares both access_key_id and account_name: give one")
+        if not declared:
+            return spec
+        if declared[0] in self.declared_ids:
+            raise _NodeError(line, f"credential {name!r}: access key id {declared[0]} is declared by "
+                                   f"credential {self.declared_ids[declared[0]]!r} too")
+        self.declared_ids[declared[0]] = name
+        return replace(spec, declared_id=declared[0])
 
     def endpoint(self, value: Any, line: int) -> Endpoint:
         entry = self.mapping(value, "endpoint", line, required={"host", "provider"}, optional={"region"})
@@ -414,7 +436,8 @@ class _PolicyReader:
                         region=self.string(entry, "region") if "region" in entry else None)
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
-        entry = self.mapping(value, "rule", line, required={"match", "action"}, optional={"key", "oss_sse", "kms_key_id"})
+        entry = self.mapping(value, "rule", line, required={"match", "action"},
+                             optional={"key", "oss_sse", "kms_key_id", "plaintext_reads"})
         match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
                              optional={"bucket", "prefix", "account"})
         provider = self.provider(match, allow_any=True)
@@ -425,7 +448,7 @@ class _PolicyReader:
         if action == "encrypt":
             self.encryption(entry, provider, keys)
         else:
-            for name in ("key", "oss_sse", "kms_key_id"):
+            for name in ("key", "oss_sse", "kms_key_id", "plaintext_reads"):
                 if name in entry:
                     raise _NodeError(entry.lines[name], f"a {action} rule takes no {name}")
         if "account" in match and provider not in ("azure", "*"):
@@ -443,7 +466,14 @@ class _PolicyReader:
             account=self.glob(match, "account") if "account" in match else "*",
             oss_sse=oss_sse,
             kms_key_id=kms_key_id,
+            plaintext_reads=self.plaintext_reads(entry),
         )
+
+    def plaintext_reads(self, entry: _Mapping) -> str:
+        value = entry.get("plaintext_reads", "deny")
+        if value not in PLAINTEXT_READS:
+            raise _NodeError(entry.lines["plaintext_reads"], f"plaintext_reads must be deny or allow, not {value!r}")
+        return value
 
     def encryption(self, entry: _Mapping, provider: str, keys: dict[str, SecretSpec]) -> None:
         """An encrypt rule names a key (S3, Azure), an OSS algorithm (OSS), or both (any provider)."""

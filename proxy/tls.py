@@ -1,6 +1,7 @@
 """TLS rules: key material only travels over TLS, and upstream certificates are always verified."""
 from __future__ import annotations
 
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,11 @@ def check_tls(request: Request, *, client_tls: bool, client_sends_key: bool, inj
         raise Refused(400, "InvalidRequest", "key headers must not travel over plain HTTP; connect to keycourier over TLS", "tls")
     if (client_sends_key or injects_key) and request.scheme != "https":
         raise Refused(403, "AccessDenied", f"refusing to send key material to http://{request.authority}: keys only travel over verified TLS", "tls")
+
+
+def upstream_context(trusted_ca: str | None) -> ssl.SSLContext:
+    """TLS to an upstream, verified as mitmproxy verifies it: against `trusted_ca` (keycourier's bundle)."""
+    return ssl.create_default_context(cafile=trusted_ca or certifi.where())
 
 
 def upstream_trust_bundle(extra_ca: Path | None) -> Path:

@@ -14,6 +14,7 @@ from keycourier.destination import Destination, EndpointAddresses
 from keycourier.keys import Secrets, blocking
 from keycourier.message import Request
 from keycourier.pipeline import Forward, Refuse, handle_request
+from keycourier.versions import KeyVersions
 from keycourier.policy import parse_policy
 
 ACCESS_KEY, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -64,11 +65,12 @@ def signed(method, path, *, host="127.0.0.1", port=9000, scheme="https", secret=
 NO_ADDRESSES = EndpointAddresses(resolve=lambda host: [])
 
 
-def run(policy, request, client_tls=True, server_name=None, address=None):
+def run(policy, request, client_tls=True, server_name=None, address=None, versions=None):
     destination = Destination.of(request.host, request.port, server_name, address)
     secrets = Secrets()
     return blocking(lambda: handle_request(request, client_tls=client_tls, destination=destination, policy=policy,
-                                           addresses=NO_ADDRESSES, secrets=secrets, now=NOW))
+                                           addresses=NO_ADDRESSES, secrets=secrets, versions=versions or KeyVersions(),
+                                           now=NOW))
 
 
 def md5_b64(key):

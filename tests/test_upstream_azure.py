@@ -158,10 +158,9 @@ def test_reading_cpk_blob_without_key_is_409(box):
         (409, "BlobUsesCustomerSpecifiedEncryption")
 
 
-def test_reading_cpk_blob_with_wrong_key_is_400(box):
+def test_reading_cpk_blob_with_wrong_key_is_409_mismatch(box):
     box.upload_blob("file.bin", b"secret", cpk=cpk(KEY_A))
-    status, _ = error_code(fails(box.download_blob, "file.bin", cpk=cpk(KEY_B)))
-    assert status == 400
+    assert error_code(fails(box.download_blob, "file.bin", cpk=cpk(KEY_B))) == (409, "BlobCustomerSpecifiedEncryptionMismatch")
 
 
 def test_key_hash_must_match_key(upstream, box):
@@ -250,7 +249,7 @@ def test_commit_needs_the_key_the_blocks_were_staged_with(upstream, box):
     blob.stage_block("block-1", b"first", cpk=cpk(KEY_A))
     error = fails(blob.commit_block_list, [BlobBlock("block-1")])
     assert error_code(error) == (409, "BlobUsesCustomerSpecifiedEncryption")
-    assert error_code(fails(blob.commit_block_list, [BlobBlock("block-1")], cpk=cpk(KEY_B)))[0] == 400
+    assert error_code(fails(blob.commit_block_list, [BlobBlock("block-1")], cpk=cpk(KEY_B))) == (409, "BlobCustomerSpecifiedEncryptionMismatch")
 
 
 def test_commit_of_unknown_block_is_invalid_block_list(box):

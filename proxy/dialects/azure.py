@@ -65,6 +65,9 @@ _ACCOUNT_OPERATIONS = {
     ("GET", "properties", "account"): "GetAccountInformation", ("HEAD", "properties", "account"): "GetAccountInformation",
     ("POST", "userdelegationkey", "service"): "GetUserDelegationKey", ("GET", "blobs", None): "FindBlobsByTags",
 }
+# Operations on an existing blob that need the key it was written with (the *FromURL writes need their source's).
+FALLBACK_READS = frozenset({"GetBlob", "GetBlobProperties", "GetBlobMetadata", "SetBlobMetadata", "SetBlobProperties",
+                            "SnapshotBlob"})
 # Batches name their sub-requests' blobs in the body: judged by the strictest rule those blobs can fall under.
 # Reads whose answer is the object itself (the application's own bytes).
 DATA_READS = frozenset({"GetBlob"})
@@ -192,9 +195,25 @@ def signing_region(request: Request, configured: str | None) -> str | None:
 def explain_error(status: int, code: str | None, audit) -> str | None:
     if code == "BlobUsesCustomerSpecifiedEncryption":
         return "the blob was written with a customer-provided key; only a rule that supplies that key can read or change it"
+    if code == "BlobCustomerSpecifiedEncryptionMismatch":
+        return "the blob was written with another key than the rule's (a key version older than min_version, or another key)"
     if code in ("InvalidHeaderValue", "UnsupportedHeader") and audit.key:
-        return f"Azure refused the customer-provided key headers on {audit.operation} (a different key than the blob's, or an operation that takes none)"
+        return f"Azure refused the customer-provided key headers on {audit.operation} (an operation that takes none?)"
     return None
 
 
 error_body = xml_error_body
+
+
+def read_outcome(status: int, headers: dict[str, str], body_start: bytes, *, source: bool) -> str:
+    """What Azure's answer to a request with a blob's key (a *FromURL's `source` key) says about that key
+    (docs/read-errors.md): 409 with x-ms-error-code naming a mismatch (`wrong_key`) or a blob stored without
+    a customer key (`plaintext`); a source's failures come as CannotVerifyCopySource with the same message."""
+    if status != 409:
+        return "served"
+    code = headers.get("x-ms-error-code")
+    if code == "BlobCustomerSpecifiedEncryptionMismatch" or (code == "CannotVerifyCopySource" and b"does not match" in body_start):
+        return "wrong_key"
+    if code == "BlobDoesNotUseCustomerSpecifiedEncryption" or (code == "CannotVerifyCopySource" and b"is not encrypted" in body_start):
+        return "plaintext"
+    return "served"

@@ -23,6 +23,7 @@ ENCRYPTION_OPERATIONS = frozenset({"PutObject", "CopyObject", "InitiateMultipart
 # refused under encrypt rules, like any object operation keycourier cannot name.
 UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
 # Name their objects in the body: judged by the strictest rule those objects can fall under.
+FALLBACK_READS: frozenset[str] = frozenset()  # no customer keys, so no key versions to fall back on
 # Reads whose answer is the object itself (the application's own bytes).
 DATA_READS = frozenset({"GetObject"})
 BULK_OPERATIONS = frozenset({"DeleteMultipleObjects"})

@@ -59,6 +59,9 @@ _BUCKET_SUBRESOURCES = {
 # rewrite: refused under encrypt rules, like any object operation keycourier cannot name.
 UNENCRYPTABLE_WRITES = frozenset({"PostObject"})
 # Name their objects in the body: judged by the strictest rule those objects can fall under.
+# Operations on an existing object that need the key it was written with: after a key rotation they may need
+# an older version (the copy operations need their source's, see SOURCE_KEY_OPERATIONS).
+FALLBACK_READS = frozenset({"GetObject", "HeadObject", "GetObjectAttributes"})
 # Reads whose answer is the object itself (the application's own bytes).
 DATA_READS = frozenset({"GetObject", "SelectObjectContent"})
 BULK_OPERATIONS = frozenset({"DeleteObjects"})
@@ -146,6 +149,18 @@ def render(request: Request, encryption: Encryption) -> tuple[Request, list[str]
 
 
 error_body = xml_error_body
+
+
+def read_outcome(status: int, headers: dict[str, str], body_start: bytes, *, source: bool) -> str:
+    """What S3's answer to a request with an object's customer key (a copy's `source` key) says about that
+    key (docs/read-errors.md): `wrong_key` (403 with S3's wrong-key message; a HEAD's 403 has no body and a
+    copy's says only Access Denied, so those may be denials: the tries are bounded), `plaintext` (400: the
+    object is stored without SSE-C), else `served`."""
+    if status == 403 and (source or not body_start or b"correct secret key" in body_start):
+        return "wrong_key"
+    if status == 400 and (not body_start or b"not applicable to this object" in body_start):
+        return "plaintext"
+    return "served"
 
 
 

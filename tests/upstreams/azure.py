@@ -145,10 +145,11 @@ def _check_key(stored_sha256: str | None, presented: CustomerKey | None, *, copy
             raise AzureError(409, "CannotVerifyCopySource", _uses_cpk().message)
         raise _uses_cpk()
     if not hmac.compare_digest(stored_sha256, presented.sha256):
-        raise AzureError(400, "InvalidHeaderValue", "The given customer specified encryption key does not "
-                         "match the key used to encrypt the blob.",
-                         {"HeaderName": (_SOURCE_CPK if copy_source else _CPK) + "key-sha256",
-                          "HeaderValue": presented.sha256})
+        mismatch = AzureError(409, "BlobCustomerSpecifiedEncryptionMismatch", "The given customer specified "
+                              "encryption does not match the encryption used to encrypt the blob.")
+        if copy_source:
+            raise AzureError(409, "CannotVerifyCopySource", mismatch.message)
+        raise mismatch
 
 
 def _cpk_headers(key_sha256: str | None, *, write: bool) -> list[tuple[str, str]]:
