@@ -216,3 +216,28 @@ rules: []
             key_of(secrets, policy, "latest")
     finally:
         vault.set_down(False)
+
+
+def test_read_keys_are_every_live_version_back_to_min_version(vault, ca_pem, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", vault.root_token)
+    keys = [bytes([n]) * 32 for n in range(1, 5)]
+    for key in keys:
+        vault.kv_put("keycourier/rotating", {"key": base64.b64encode(key).decode()})
+    hvac_client = Vault(parse_policy(f'version: 1\nvault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}"}}\nendpoints: []\nrules: []\n').vault)
+    hvac_client.client.token = vault.root_token
+    hvac_client.client.secrets.kv.v2.delete_secret_versions("keycourier/rotating", versions=[2])
+    policy = parse_policy(f"""
+version: 1
+vault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}"}}
+endpoints: []
+keys:
+  all: {{vault: {{path: secret/data/keycourier/rotating}}}}
+  recent: {{vault: {{path: secret/data/keycourier/rotating, min_version: 3}}}}
+  pinned: {{vault: {{path: secret/data/keycourier/rotating, version: 3}}}}
+rules: []
+""")
+    secrets = Secrets()
+    read = lambda name: [(k.version, k.material) for k in blocking(lambda: secrets.read_keys(policy, policy.keys[name]))]
+    assert read("all") == [("v4", keys[3]), ("v3", keys[2]), ("v1", keys[0])]  # v2 is deleted: skipped
+    assert read("recent") == [("v4", keys[3]), ("v3", keys[2])]
+    assert read("pinned") == [("v3", keys[2]), ("v4", keys[3]), ("v1", keys[0])]  # writes use the pinned one
