@@ -284,7 +284,7 @@ class KeyCourier:
         sent = [decision.request, *(attempt.request for attempt in decision.attempts)]
         scrubber = KeyScrubber([key for request in sent for key in keys_in(request.headers, pipeline.SECRET_HEADERS)])
         headers = redact_headers(tuple(flow.response.headers.items(multi=True)), pipeline.SECRET_HEADERS)
-        headers += self._plaintext_hint(flow, decision)
+        headers += self._read_failure(flow, decision)
         if decision.respond_as:
             headers = translate_response(headers, decision.audit.provider, decision.respond_as)
         body = None
@@ -310,14 +310,18 @@ class KeyCourier:
         if remembered:
             self.versions.remember(remembered)
 
-    def _plaintext_hint(self, flow: http.HTTPFlow, decision: pipeline.Forward) -> list[tuple[str, str]]:
-        """A read refused by the provider because the object has no customer key: the client is told which
-        policy option reads it (the provider's own answer is kept)."""
-        if not (decision.read and decision.read.plaintext_refusal and flow.response.status_code >= 400):
+    def _read_failure(self, flow: http.HTTPFlow, decision: pipeline.Forward) -> list[tuple[str, str]]:
+        """A read the provider refused for its key (the provider's own answer is kept). No customer key on the
+        object: the client is told which policy option reads it. A version keycourier does not know (a newer
+        one, loaded by another replica or `keycourier rotate` first): the key is read from Vault again."""
+        if not (decision.read and flow.response.status_code >= 400):
             return []
         headers = {name.lower(): value for name, value in flow.response.headers.items()}
-        if pipeline.DIALECTS[decision.audit.provider].read_outcome(flow.response.status_code, headers, b"",
-                                                                   source=decision.read.source) != "plaintext":
+        outcome = pipeline.DIALECTS[decision.audit.provider].read_outcome(flow.response.status_code, headers, b"",
+                                                                          source=decision.read.source)
+        if outcome == "wrong_key":
+            self.secrets.forget_key(self.policy_file.current, decision.read.key_name)
+        if outcome != "plaintext" or not decision.read.plaintext_refusal:
             return []
         log.warning(f"{decision.audit.provider} bucket {decision.audit.bucket}: {decision.read.plaintext_refusal}")
         return [("x-keycourier-error", decision.read.plaintext_refusal)]

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from keycourier import rotate
 from keycourier.policy import PolicyError, load_policy
 
 DEFAULT_CONFDIR = Path("~/.keycourier").expanduser()
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--confdir", "--generate", type=Path, default=DEFAULT_CONFDIR,
                     help="the CA's directory; created with a new CA if empty (mount it read-only in production)")
     ca.set_defaults(command=_ca)
+
+    rotate.add_parser(commands)
 
     keygen = commands.add_parser("keygen", help="write a new random 256-bit key file (mode 600)")
     keygen.add_argument("file", type=Path)

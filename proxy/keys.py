@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +41,7 @@ class Key:
     name: str
     version: str
     material: bytes = field(repr=False)
+    created: datetime | None = None  # when this version was written (Vault), or its file last changed
 
     @property
     def b64(self) -> str:
@@ -172,6 +174,11 @@ class TtlCache:
                 self._loading.pop(entry, None)
             loading.set_result(None)
 
+    def forget(self, *entries: Hashable) -> None:
+        with self._guard:
+            for entry in entries:
+                self._entries.pop(entry, None)
+
     def _store_failure(self, entry: Hashable, exc: KeyUnavailable, stale_for: float, failure_ttl: float) -> None:
         now = self.clock()
         retry_at = now + max(failure_ttl, MIN_TTL)
@@ -203,14 +210,14 @@ class Secrets:
         one failing only requests that may be signed with it) until one has the id."""
         declared = policy.credential_ids.get(access_key_id)
         if declared:
-            return self._credential(policy, declared)
+            return self.credential(policy, declared)
         pending: list[Future] = []
         broken: list[str] = []
         for spec in policy.credentials.values():
             if spec.declared_id:
                 continue
             try:
-                credential = self._credential(policy, spec)
+                credential = self.credential(policy, spec)
             except NotCached as missing:
                 pending += missing.loads
                 continue
@@ -226,7 +233,7 @@ class Secrets:
                                  f"{'; '.join(broken)}")
         return None
 
-    def _credential(self, policy: Policy, spec: SecretSpec) -> Credential:
+    def credential(self, policy: Policy, spec: SecretSpec) -> Credential:
         return self._cached(policy, ("credential", spec), lambda: self._load_credential(policy, spec))
 
     def _cached(self, policy: Policy, entry: Hashable, load: Callable[[], object]):
@@ -259,13 +266,21 @@ class Secrets:
         return (write, *(key for key in (latest, *older) if key.version != write.version))
 
     def _file_key(self, spec: SecretSpec, path: Path, version: str) -> Key:
-        return Key(spec.name, version, decode_key(spec.name, read_private_file(path, f"key {spec.name!r}")))
+        material = decode_key(spec.name, read_private_file(path, f"key {spec.name!r}"))
+        return Key(spec.name, version, material, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
 
     def _vault_key(self, policy: Policy, spec: SecretSpec, ref: VaultSecretRef) -> Key:
-        fields, version = self._read_vault(policy, ref, f"key {spec.name!r}")
+        fields, version, created = self._read_vault(policy, ref, f"key {spec.name!r}")
         if ref.field not in fields:
             raise KeyUnavailable(f"key {spec.name!r}: Vault secret {ref.api_path} has no field {ref.field!r}")
-        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[ref.field])))
+        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[ref.field])), created)
+
+    def forget_key(self, policy: Policy, name: str) -> None:
+        """Drops a key's cached versions: a provider said an object is under a version keycourier does not
+        know (written by a replica that loaded it first, or rotated): the next request reads Vault again."""
+        spec = policy.keys.get(name)
+        if spec:
+            self.cache.forget(("key", spec), ("read keys", spec))
 
     def _load_credential(self, policy: Policy, spec: SecretSpec) -> Credential:
         what = f"credential {spec.name!r}"
@@ -275,7 +290,7 @@ class Secrets:
             except yaml.YAMLError:
                 raise KeyUnavailable(f"{what} file {spec.file} is not YAML") from None
         else:
-            fields, _ = self._read_vault(policy, spec.vault, what)
+            fields, _, _ = self._read_vault(policy, spec.vault, what)
         for key_id, secret in (("access_key_id", "secret_access_key"), ("account_name", "account_key")):
             if isinstance(fields, dict) and {key_id, secret} <= fields.keys():
                 credential = Credential(spec.name, str(fields[key_id]), str(fields[secret]))
@@ -286,7 +301,7 @@ class Secrets:
         raise KeyUnavailable(f"{what} needs the fields access_key_id and secret_access_key "
                              "(Azure: account_name and account_key)")
 
-    def _read_vault(self, policy: Policy, ref: VaultSecretRef, what: str) -> tuple[dict, int]:
+    def _read_vault(self, policy: Policy, ref: VaultSecretRef, what: str) -> tuple[dict, int, datetime | None]:
         try:
             return self._vault(policy).read_kv2(ref)
         except VaultError as exc:

@@ -81,6 +81,7 @@ class Forward:
 
 @dataclass(frozen=True)
 class ReadCheck:
+    key_name: str
     source: bool  # the key is a copy's source's
     plaintext_refusal: str | None  # why a plaintext object is not read (plaintext_reads: deny), to tell the client
 
@@ -293,7 +294,7 @@ def read_check(keyed: KeyedObject | None) -> ReadCheck | None:
     refusal = None if keyed.rule.plaintext_reads == "allow" else (
         f"the object is stored without a customer key and {keyed.rule.name} has plaintext_reads: deny; set "
         "plaintext_reads: allow on it to read objects written before the bucket was encrypted")
-    return ReadCheck(keyed.slot == "source_key", refusal)
+    return ReadCheck(keyed.rule.key, keyed.slot == "source_key", refusal)
 
 
 def get_read_keys(policy: Policy, secrets: Secrets, name: str) -> tuple[Key, ...]:

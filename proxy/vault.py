@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import hvac
@@ -65,8 +67,8 @@ class Vault:
         self._lease = _Lease(0.0, 0, False)
         self.clock = clock
 
-    def read_kv2(self, ref: VaultSecretRef) -> tuple[dict, int]:
-        """GET /v1/<mount>/data/<path>[?version=N]: the secret's fields and its version."""
+    def read_kv2(self, ref: VaultSecretRef) -> tuple[dict, int, datetime | None]:
+        """GET /v1/<mount>/data/<path>[?version=N]: the secret's fields, its version and when it was written."""
         where = f"{ref.api_path}" + (f" version {ref.version}" if ref.version else "")
         response = self._with_login(
             lambda: self.client.secrets.kv.v2.read_secret_version(
@@ -75,7 +77,7 @@ class Vault:
             where,
         )
         data = response["data"]
-        return data["data"] or {}, data["metadata"]["version"]
+        return data["data"] or {}, data["metadata"]["version"], _rfc3339(data["metadata"].get("created_time"))
 
     def problem(self) -> str | None:
         """GET /v1/sys/health: None when Vault is up and unsealed, else the reason."""
@@ -168,6 +170,16 @@ class Vault:
         self.client.token = token
         data = self._call(self.client.auth.token.lookup_self, "auth/token/lookup-self")["data"]
         return token, _Lease(self.clock(), data.get("ttl") or 0, bool(data.get("renewable")))
+
+
+def _rfc3339(text: str | None) -> datetime | None:
+    """Vault's times carry nanoseconds; Python's parser takes at most microseconds."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _read_secret_file(path: Path | None, what: str) -> str:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # ReceivedRequest is re-exported: part of this module's API.
 from tests.upstreams.common import (CallParameters, ReceivedRequest, Response, ServiceError,
-                                    b64decode_or_none, bucket_and_key, http_date, iso_date,
+                                    b64decode_or_none, bucket_and_key, http_date, iso_date, parse_query,
                                     parse_xml, reflected_crc, seal, unseal, utc_now, xml_child_text,
                                     xml_children, xml_element, xml_response)
 from tests.upstreams.server import StorageHandler, StorageUpstream
@@ -646,6 +646,7 @@ class StoredObject:
     parts_count: int | None  # None unless made by a multipart upload
     segment_sizes: tuple[int, ...]  # data_on_disk is these independently sealed segments
     key_fingerprint: KeyFingerprint | None
+    tags: tuple[tuple[str, str], ...] = ()  # object tags (x-amz-tagging), in order
 
 
 @dataclass(frozen=True)
@@ -667,6 +668,7 @@ class _Upload:
     metadata: dict[str, str]
     content_headers: tuple[tuple[str, str], ...]
     checksum_algorithm: str | None
+    tags: tuple[tuple[str, str], ...] = ()
     parts: dict[int, _Part] = field(default_factory=dict)
 
 
@@ -713,7 +715,7 @@ class _Store:
 
     def new_object(self, data: bytes, customer_key: CustomerKey | None, *, metadata: dict[str, str],
                    content_headers: tuple[tuple[str, str], ...],
-                   checksum: tuple[str, str] | None) -> StoredObject:
+                   checksum: tuple[str, str] | None, tags: tuple[tuple[str, str], ...] = ()) -> StoredObject:
         sealed = self.seal(customer_key, data)
         return StoredObject(
             data_on_disk=sealed,
@@ -723,7 +725,7 @@ class _Store:
             etag=_quoted_md5(sealed if customer_key else data),
             metadata=metadata, last_modified=utc_now(), content_headers=content_headers,
             checksum=checksum, parts_count=None, segment_sizes=(len(sealed),),
-            key_fingerprint=KeyFingerprint.of(customer_key.key) if customer_key else None)
+            key_fingerprint=KeyFingerprint.of(customer_key.key) if customer_key else None, tags=tags)
 
     def handle(self, incoming: _Incoming, read_body: Callable[[], tuple[bytes, bool]]) -> Response:
         bucket, key = _address(incoming)
@@ -1033,13 +1035,25 @@ def _put_object(call: _Call) -> Response:
     obj = call.store.new_object(call.payload.data, customer_key,
                                 metadata=_user_metadata(call.incoming.headers),
                                 content_headers=_content_headers(call.incoming.headers),
-                                checksum=call.payload.checksum)
+                                checksum=call.payload.checksum, tags=_tags(call.header("x-amz-tagging")))
     with call.store.lock:
         bucket.objects[call.key] = obj
     headers = [("ETag", obj.etag), *_encryption_headers(obj.sse_customer_key_md5)]
     if obj.checksum is not None:
         headers.append((f"x-amz-checksum-{obj.checksum[0]}", obj.checksum[1]))
     return Response(200, headers)
+
+
+def _tags(header: str | None) -> tuple[tuple[str, str], ...]:
+    """x-amz-tagging: URL query form, key1=value1&key2=value2."""
+    return tuple(parse_query(header)) if header else ()
+
+
+def _get_object_tagging(call: _Call) -> Response:
+    root = xml_element("Tagging", None, xml_element("TagSet", None, *(
+        xml_element("Tag", None, xml_element("Key", name), xml_element("Value", value))
+        for name, value in call.object().tags)))
+    return _xml_response(root)
 
 
 def _copy_object(call: _Call) -> Response:
@@ -1062,9 +1076,10 @@ def _copy_object(call: _Call) -> Response:
     else:
         metadata = _user_metadata(call.incoming.headers)
         content_headers = _content_headers(call.incoming.headers)
+    tags = _tags(call.header("x-amz-tagging")) if call.header("x-amz-tagging-directive") == "REPLACE" else source.tags
     obj = call.store.new_object(call.store.plaintext(source, source_key), customer_key,
                                 metadata=metadata, content_headers=content_headers,
-                                checksum=source.checksum)
+                                checksum=source.checksum, tags=tags)
     with call.store.lock:
         bucket.objects[call.key] = obj
     return _xml_response(
@@ -1181,7 +1196,8 @@ def _create_multipart_upload(call: _Call) -> Response:
                      key_md5=customer_key.md5 if customer_key else None,
                      metadata=_user_metadata(call.incoming.headers),
                      content_headers=_content_headers(call.incoming.headers),
-                     checksum_algorithm=algorithm.lower() if algorithm else None)
+                     checksum_algorithm=algorithm.lower() if algorithm else None,
+                     tags=_tags(call.header("x-amz-tagging")))
     with call.store.lock:
         call.store.uploads[upload.upload_id] = upload
     headers = _encryption_headers(upload.key_md5)
@@ -1292,7 +1308,7 @@ def _complete_multipart_upload(call: _Call) -> Response:
         etag=f'"{hashlib.md5(part_digests).hexdigest()}-{len(parts)}"',
         metadata=upload.metadata, last_modified=utc_now(), content_headers=upload.content_headers,
         checksum=None, parts_count=len(parts), segment_sizes=tuple(len(part.sealed) for part in parts),
-        key_fingerprint=upload.key_fingerprint)
+        key_fingerprint=upload.key_fingerprint, tags=upload.tags)
     bucket = call.bucket()
     with call.store.lock:
         call.store.uploads.pop(upload.upload_id, None)
@@ -1355,6 +1371,7 @@ _OPERATIONS: dict[tuple[str, str, frozenset[str]], Callable[[_Call], Response]] 
     ("HEAD", "object", frozenset()): _head_object,
     ("DELETE", "object", frozenset()): _delete_object,
     ("GET", "object", frozenset({"attributes"})): _get_object_attributes,
+    ("GET", "object", frozenset({"tagging"})): _get_object_tagging,
     ("POST", "object", frozenset({"uploads"})): _create_multipart_upload,
     ("PUT", "object", frozenset({"partNumber", "uploadId"})): _upload_part,
     ("POST", "object", frozenset({"uploadId"})): _complete_multipart_upload,

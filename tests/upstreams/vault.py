@@ -332,6 +332,12 @@ class VaultServer(TestServer):
             store = self._namespace(namespace).kv.setdefault(mount, {})
             return kv_secret(store, path).add_version(data)
 
+    def kv_read(self, path: str, *, mount: str = "secret", namespace: str = "") -> dict:
+        """The newest version's data."""
+        with self._lock:
+            secret = kv_secret(self._namespace(namespace).kv.setdefault(mount, {}), path)
+            return copy.deepcopy(secret.versions[secret.current_version].data)
+
     def kv_live_versions(self, path: str, *, mount: str = "secret", namespace: str = "") -> list[int]:
         """The versions of a secret that are neither deleted nor destroyed."""
         with self._lock:
