@@ -1,7 +1,6 @@
 """TLS rules: key material only travels over TLS, and upstream certificates are always verified."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import certifi
@@ -18,13 +17,14 @@ def check_tls(request: Request, *, client_tls: bool, client_sends_key: bool, inj
         raise Refused(403, "AccessDenied", f"refusing to send key material to http://{request.authority}: keys only travel over verified TLS", "tls")
 
 
-def upstream_trust_bundle(extra_ca: Path | None) -> Path:
+def upstream_trust_bundle(extra_ca: Path | None, directory: Path) -> Path:
     """The CAs upstream certificates are verified against: the public ones, plus `extra_ca`.
 
     mitmproxy trusts only the file it is given, so the public bundle is copied in rather than replaced.
-    It is written to a private temporary directory: the confdir may be a read-only Secret mount.
+    It is written to `directory` (a private temporary one the caller removes): the confdir may be a
+    read-only Secret mount.
     """
-    bundle = Path(tempfile.mkdtemp(prefix="keycourier-")) / "upstream-trust.pem"
+    bundle = directory / "upstream-trust.pem"
     pems = [Path(certifi.where()).read_text()]
     if extra_ca:
         pems.append(extra_ca.read_text())
