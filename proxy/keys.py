@@ -266,13 +266,43 @@ class Secrets:
             raise KeyUnavailable(f"{what}: {exc}", transient=exc.outcome in TRANSIENT_VAULT_OUTCOMES) from None
 
     def vault_problem(self, policy: Policy) -> str | None:
-        """Why Vault cannot serve this policy's keys right now, or None (also when it needs no Vault)."""
+        """Why Vault cannot serve this policy's keys, or None (also when it needs no Vault): from the last
+        answers Vault gave (see check_vault), never a request of its own, so probes cost Vault nothing."""
         if not policy.needs_vault:
             return None
         try:
-            return self._vault(policy).problem()
+            return self._vault(policy).contact.problem(grace=policy.key_cache_ttl + policy.key_cache_stale_ttl)
         except VaultError as exc:
             return str(exc)
+
+    def check_vault(self, policy: Policy, quiet_seconds: float) -> None:
+        """Asks Vault's health if nothing has asked Vault anything for `quiet_seconds`: keeps vault_problem
+        and keycourier_vault_up current when no request needs a key."""
+        if policy.needs_vault:
+            try:
+                vault = self._vault(policy)
+            except VaultError:
+                return
+            if vault.contact.quiet_for() >= quiet_seconds:
+                vault.problem()
+
+    def unreadable(self, policy: Policy) -> list[str]:
+        """Loads every key and credential the policy names (as requests would, through the cache): why each
+        one that cannot be had cannot. For warnings at start."""
+        loads = [lambda spec=spec: self.key(policy, spec) for spec in policy.keys.values()]
+        loads += [lambda spec=spec: self._credential(policy, spec) for spec in policy.credentials.values()]
+        for load in loads:  # all loads start at once, each in the cache's pool
+            try:
+                load()
+            except (NotCached, KeyUnavailable):
+                pass
+        reasons = []
+        for load in loads:
+            try:
+                blocking(load)
+            except KeyUnavailable as exc:
+                reasons.append(str(exc))
+        return reasons
 
     def _vault(self, policy: Policy) -> Vault:
         # One client (and login) per Vault configuration, kept across policy reloads.
