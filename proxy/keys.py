@@ -287,22 +287,14 @@ class Secrets:
                 vault.problem()
 
     def unreadable(self, policy: Policy) -> list[str]:
-        """Loads every key and credential the policy names (as requests would, through the cache): why each
-        one that cannot be had cannot. For warnings at start."""
-        loads = [lambda spec=spec: self.key(policy, spec) for spec in policy.keys.values()]
-        loads += [lambda spec=spec: self._credential(policy, spec) for spec in policy.credentials.values()]
-        for load in loads:  # all loads start at once, each in the cache's pool
-            try:
-                load()
-            except (NotCached, KeyUnavailable):
-                pass
-        reasons = []
-        for load in loads:
-            try:
-                blocking(load)
-            except KeyUnavailable as exc:
-                reasons.append(str(exc))
-        return reasons
+        """Reads every key and credential the policy names once, beside the cache (what requests load and
+        share is untouched): why each one that cannot be had cannot. For warnings at start."""
+        loads = [lambda spec=spec: self._load_key(policy, spec) for spec in policy.keys.values()]
+        loads += [lambda spec=spec: self._load_credential(policy, spec) for spec in policy.credentials.values()]
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="keycourier-check") as pool:
+            failures = [load.exception() for load in [pool.submit(load) for load in loads]]
+        return [str(failure) if isinstance(failure, KeyUnavailable) else f"unexpected {type(failure).__name__}"
+                for failure in failures if failure]
 
     def _vault(self, policy: Policy) -> Vault:
         # One client (and login) per Vault configuration, kept across policy reloads.
