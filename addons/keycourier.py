@@ -46,6 +46,7 @@ log = logging.getLogger("keycourier")
 
 POLICY_POLL_SECONDS = 1.0
 ENDPOINT_RESOLVE_SECONDS = 30.0
+VAULT_CHECK_SECONDS = 10.0  # Vault's health is asked after this long without any Vault request (readiness)
 # Options keycourier's guarantees rest on: an object store's connection is never relayed raw (a 101 answer
 # would switch to raw TCP), and a tunnel's address is known (connected) before keycourier decides on it.
 REQUIRED_OPTIONS = {"rawtcp": False, "connection_strategy": "eager", "ssl_insecure": False}
@@ -70,6 +71,7 @@ class KeyCourier:
         self._metrics_server = None
         self._sink: RefusalSink | None = None
         self._fallback: FallbackForwarder | None = None
+        self.draining = False  # set on SIGTERM (keycourier.addons.drain): unready from then on
 
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
@@ -116,6 +118,8 @@ class KeyCourier:
             self._metrics_server.shutdown()
 
     def _readiness(self) -> str | None:
+        if self.draining:
+            return "stopping: draining requests in flight"
         return self.secrets.vault_problem(self.policy_file.current)
 
     async def _watch_policy(self):
@@ -132,6 +136,7 @@ class KeyCourier:
                 since_resolved = 0.0
             if result is True:
                 self._policy_took_effect(reload_outcome="success")
+            await asyncio.to_thread(self.secrets.check_vault, self.policy_file.current, VAULT_CHECK_SECONDS)
 
     def _resolve_endpoints(self):
         unresolved = self.addresses.refresh(self.policy_file.current)
@@ -362,7 +367,7 @@ class KeyCourier:
             seconds=max(0.0, end - flow.request.timestamp_start),
             message=refusal.message if refusal else (flow.error.msg if flow.error else None))
         log.log(logging.WARNING if refusal or flow.error else logging.INFO,
-                format_record(record, ctx.options.keycourier_log_format))
+                format_record(record, ctx.options.keycourier_log_format), extra={"audit": record})
 
     def _scrub_request(self, flow: http.HTTPFlow):
         """Once sent, key headers are replaced by a marker, so no log or saved flow holds them."""

@@ -309,13 +309,35 @@ class Secrets:
                                  missing=exc.outcome == "not_found") from None
 
     def vault_problem(self, policy: Policy) -> str | None:
-        """Why Vault cannot serve this policy's keys right now, or None (also when it needs no Vault)."""
+        """Why Vault cannot serve this policy's keys, or None (also when it needs no Vault): from the last
+        answers Vault gave (see check_vault), never a request of its own, so probes cost Vault nothing."""
         if not policy.needs_vault:
             return None
         try:
-            return self._vault(policy).problem()
+            return self._vault(policy).contact.problem(grace=policy.key_cache_ttl + policy.key_cache_stale_ttl)
         except VaultError as exc:
             return str(exc)
+
+    def check_vault(self, policy: Policy, quiet_seconds: float) -> None:
+        """Asks Vault's health if nothing has asked Vault anything for `quiet_seconds`: keeps vault_problem
+        and keycourier_vault_up current when no request needs a key."""
+        if policy.needs_vault:
+            try:
+                vault = self._vault(policy)
+            except VaultError:
+                return
+            if vault.contact.quiet_for() >= quiet_seconds:
+                vault.problem()
+
+    def unreadable(self, policy: Policy) -> list[str]:
+        """Reads every key and credential the policy names once, beside the cache (what requests load and
+        share is untouched): why each one that cannot be had cannot. For warnings at start."""
+        loads = [lambda spec=spec: self._load_key(policy, spec) for spec in policy.keys.values()]
+        loads += [lambda spec=spec: self._load_credential(policy, spec) for spec in policy.credentials.values()]
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="keycourier-check") as pool:
+            failures = [load.exception() for load in [pool.submit(load) for load in loads]]
+        return [str(failure) if isinstance(failure, KeyUnavailable) else f"unexpected {type(failure).__name__}"
+                for failure in failures if failure]
 
     def _vault(self, policy: Policy) -> Vault:
         # One client (and login) per Vault configuration, kept across policy reloads.

@@ -9,9 +9,26 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
+
+from keycourier import __version__
+from keycourier.refusals import REASONS
 
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # CPU, memory, open files of keycourier's own process
+PlatformCollector(registry=REGISTRY)
+BUILD_INFO = Gauge("keycourier_build_info", "The running keycourier's version (always 1)", ["version"], registry=REGISTRY)
+BUILD_INFO.labels(__version__).set(1)
+
+# Label values alerts and dashboards query: their series exist from the start, at 0, so `rate()` and
+# `increase()` see the first event instead of a series appearing out of nothing.
+VAULT_OUTCOMES = ("ok", "not_found", "denied", "sealed", "tls", "unreachable", "error")
+KEY_CACHE_RESULTS = ("hit", "miss", "stale")
+RELOAD_OUTCOMES = ("success", "failure")
+CLOSED_REASONS = ("unnamed_endpoint_address", "became_endpoint")
+# Transfers through keycourier last from milliseconds (small calls) to many minutes (multi-GiB bodies).
+TRANSFER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 REQUESTS = Counter("keycourier_requests", "Requests to policy endpoints, by what keycourier decided",
                    ["provider", "operation", "rule", "action", "outcome"], registry=REGISTRY)
@@ -27,16 +44,23 @@ KEYS_INJECTED = Counter("keycourier_keys_injected", "Keys added to forwarded req
 TRANSLATIONS = Counter("keycourier_translations", "Client keys carried over from one dialect into another",
                        ["from_dialect", "to_dialect"], registry=REGISTRY)
 VAULT_REQUESTS = Counter("keycourier_vault_requests", "Vault reads and logins, by outcome", ["outcome"], registry=REGISTRY)
+VAULT_UP = Gauge("keycourier_vault_up", "1 if Vault answered keycourier's last request, 0 if that request failed",
+                 registry=REGISTRY)
 VAULT_SECONDS = Histogram("keycourier_vault_request_seconds", "Time of Vault reads and logins", registry=REGISTRY)
 KEY_CACHE = Counter("keycourier_key_cache", "Key and credential look-ups, by cache result", ["result"], registry=REGISTRY)
 UPSTREAM_SECONDS = Histogram("keycourier_upstream_seconds", "Time from request start to the upstream's answer",
-                             ["provider"], registry=REGISTRY)
+                             ["provider"], buckets=TRANSFER_BUCKETS, registry=REGISTRY)
 BODY_BYTES = Counter("keycourier_body_bytes", "Body bytes streamed through keycourier", ["provider", "direction"],
                      registry=REGISTRY)
 POLICY_RELOADS = Counter("keycourier_policy_reloads", "Policy file reloads, by outcome", ["outcome"], registry=REGISTRY)
 POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", registry=REGISTRY)
 POLICY_LOADED = Gauge("keycourier_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
                       registry=REGISTRY)
+
+for _counter, _values in ((REFUSALS, REASONS), (VAULT_REQUESTS, VAULT_OUTCOMES), (KEY_CACHE, KEY_CACHE_RESULTS),
+                          (POLICY_RELOADS, RELOAD_OUTCOMES), (CONNECTIONS_CLOSED, CLOSED_REASONS)):
+    for _value in _values:
+        _counter.labels(_value)
 
 NONE = "none"
 

@@ -21,9 +21,12 @@ DEFAULT_KEY_CACHE_FAILURE_TTL = 5.0
 
 
 class PolicyError(ValueError):
-    def __init__(self, source: str, line: int, reason: str):
+    """The first error in the file; `errors` holds every one found (one per entry at most), in line order."""
+
+    def __init__(self, source: str, line: int, reason: str, others: tuple[PolicyError, ...] = ()):
         super().__init__(f"{source}:{line}: {reason}")
         self.source, self.line, self.reason = source, line, reason
+        self.errors: list[PolicyError] = [self, *others]
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,12 @@ class Rule:
     oss_sse: str | None = None  # OSS has no customer keys: its own encryption, by algorithm
     kms_key_id: str | None = None
     plaintext_reads: Literal["deny", "allow"] = "deny"  # objects stored before the bucket was encrypted
+    given_name: str | None = None  # the rule's `name:`
 
     @property
     def name(self) -> str:
         """Stable, policy-derived label for logs and metrics (never client input)."""
-        return f"rule{self.line}"
+        return self.given_name or f"rule{self.line}"
 
     def matches(self, provider: str, bucket: str | None, object_key: str | None, account: str | None = None) -> bool:
         if not self.may_cover(provider, account):
@@ -178,6 +182,7 @@ class Policy:
 
 
 _SHA256_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
+_RULE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 _GLOB_CHARS = re.compile(r"^[A-Za-z0-9._*?:-]*$")
 
 
@@ -233,20 +238,40 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def parse_policy(text: str, *, source: str = "<policy>", base_dir: Path = Path(".")) -> Policy:
+    reader = _PolicyReader(base_dir)
     try:
         document = yaml.load(text, Loader=_Loader)
-        return _PolicyReader(base_dir).policy(document, source)
+        policy = reader.policy(document, source)
     except _NodeError as exc:
-        raise PolicyError(source, exc.line, exc.reason) from None
+        reader.errors.append(exc)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise PolicyError(source, mark.line + 1 if mark else 0, f"invalid YAML: {exc.problem}") from None
+    if reader.errors:
+        first, *others = sorted(reader.errors, key=lambda error: error.line)
+        raise PolicyError(source, first.line, first.reason,
+                          tuple(PolicyError(source, error.line, error.reason) for error in others)) from None
+    return policy
 
 
 class _PolicyReader:
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
         self.declared_ids: dict[str, str] = {}
+        self.rule_names: dict[str, int] = {}
+        # Errors are collected per entry (endpoint, key, credential, rule), so one run reports them all.
+        self.errors: list[_NodeError] = []
+        self.broken_keys: set[str] = set()  # keys with errors: rules naming them are not also reported
+
+    def each(self, read, entries) -> list:
+        """read(entry) for every entry; an entry with an error is recorded and left out."""
+        results = []
+        for entry in entries:
+            try:
+                results.append(read(entry))
+            except _NodeError as exc:
+                self.errors.append(exc)
+        return results
 
     def policy(self, document: Any, source: str) -> Policy:
         top = self.mapping(document, "policy", 1, required={"version", "endpoints", "rules"},
@@ -262,10 +287,10 @@ class _PolicyReader:
         return Policy(
             source=source,
             vault=self.vault(top["vault"], top.lines["vault"]) if "vault" in top else None,
-            endpoints=tuple(self.endpoint(e, top.lines["endpoints"]) for e in self.sequence(top, "endpoints")),
+            endpoints=tuple(self.each(lambda e: self.endpoint(e, top.lines["endpoints"]), self.sequence(top, "endpoints"))),
             keys=keys,
             credentials=credentials,
-            rules=tuple(self.rule(r, top.lines["rules"], keys) for r in self.sequence(top, "rules")),
+            rules=tuple(self.each(lambda r: self.rule(r, top.lines["rules"], keys), self.sequence(top, "rules"))),
             key_cache_ttl=ttl,
             key_cache_stale_ttl=stale_ttl,
             key_cache_failure_ttl=failure_ttl,
@@ -320,7 +345,13 @@ class _PolicyReader:
         for entry in entries:
             if not isinstance(entry, str):
                 raise _NodeError(entries.lines[entry], f"{name}: name {entry!r} must be a string")
-        return {entry: read(entry, entries[entry], entries.lines[entry]) for entry in entries}
+        def read_one(entry):
+            return entry, read(entry, entries[entry], entries.lines[entry])
+
+        read_names = self.each(read_one, entries)
+        if name == "keys":
+            self.broken_keys |= set(entries) - {entry for entry, _ in read_names}
+        return dict(read_names)
 
     def string(self, parent: _Mapping, name: str, *, default: str | None = None) -> str:
         value = parent.get(name, default)
@@ -437,7 +468,7 @@ class _PolicyReader:
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
         entry = self.mapping(value, "rule", line, required={"match", "action"},
-                             optional={"key", "oss_sse", "kms_key_id", "plaintext_reads"})
+                             optional={"name", "key", "oss_sse", "kms_key_id", "plaintext_reads"})
         match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
                              optional={"bucket", "prefix", "account"})
         provider = self.provider(match, allow_any=True)
@@ -456,6 +487,7 @@ class _PolicyReader:
         prefix = match.get("prefix", "")
         if not isinstance(prefix, str):
             raise _NodeError(match.lines["prefix"], "prefix must be a string")
+        given_name = self.rule_name(entry)
         return Rule(
             provider=provider,
             bucket=self.glob(match, "bucket") if "bucket" in match else "*",
@@ -467,6 +499,7 @@ class _PolicyReader:
             oss_sse=oss_sse,
             kms_key_id=kms_key_id,
             plaintext_reads=self.plaintext_reads(entry),
+            given_name=given_name,
         )
 
     def plaintext_reads(self, entry: _Mapping) -> str:
@@ -475,12 +508,24 @@ class _PolicyReader:
             raise _NodeError(entry.lines["plaintext_reads"], f"plaintext_reads must be deny or allow, not {value!r}")
         return value
 
+    def rule_name(self, entry: _Mapping) -> str | None:
+        """A rule's `name:`: its label in metrics and the audit log, so a fixed, unique, small vocabulary."""
+        if "name" not in entry:
+            return None
+        name, line = entry["name"], entry.lines["name"]
+        if not isinstance(name, str) or not _RULE_NAME.fullmatch(name):
+            raise _NodeError(line, f"rule name {name!r} must be 1-64 of a-z, 0-9, '_' and '-'")
+        if name in self.rule_names:
+            raise _NodeError(line, f"rule name {name!r} is taken by the rule at line {self.rule_names[name]}")
+        self.rule_names[name] = line
+        return name
+
     def encryption(self, entry: _Mapping, provider: str, keys: dict[str, SecretSpec]) -> None:
         """An encrypt rule names a key (S3, Azure), an OSS algorithm (OSS), or both (any provider)."""
         if provider != "oss":
             if "key" not in entry:
                 raise _NodeError(entry.line, "an encrypt rule needs a key")
-            if entry["key"] not in keys:
+            if entry["key"] not in keys and entry["key"] not in self.broken_keys:
                 known = ", ".join(sorted(keys)) or "none defined"
                 raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
         if provider == "oss" and "key" in entry:

@@ -12,6 +12,7 @@ import json
 import os
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -405,10 +406,11 @@ def command(args) -> int:
         print(f"keycourier: {args.endpoint} is not an https endpoint of the policy", file=sys.stderr)
         return 2
     state = State(args.state)
+    private = tempfile.TemporaryDirectory(prefix="keycourier-")
     try:
         account = args.account or host.split(".")[0] if endpoint.provider == "azure" else None
         credential = _credential(policy, args.credential, account)
-        trust = str(upstream_trust_bundle(args.upstream_ca))
+        trust = str(upstream_trust_bundle(args.upstream_ca, Path(private.name)))
         if endpoint.provider == "s3":
             store = S3Bucket(args.endpoint, args.bucket, credential, args.region or s3.signing_region(
                 Request("GET", "https", host, port, "/"), endpoint.region), trust, args.multipart_threshold)
@@ -424,6 +426,7 @@ def command(args) -> int:
         return 2
     finally:
         state.close()
+        private.cleanup()
     if args.dry_run:
         for change in summary.changes:
             print(f"would {'encrypt' if change['change'] == 'migrated' else 'rotate'}: {change['object']}")

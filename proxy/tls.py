@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ssl
-import tempfile
 from pathlib import Path
 
 import certifi
@@ -24,13 +23,14 @@ def upstream_context(trusted_ca: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=trusted_ca or certifi.where())
 
 
-def upstream_trust_bundle(extra_ca: Path | None) -> Path:
+def upstream_trust_bundle(extra_ca: Path | None, directory: Path) -> Path:
     """The CAs upstream certificates are verified against: the public ones, plus `extra_ca`.
 
     mitmproxy trusts only the file it is given, so the public bundle is copied in rather than replaced.
-    It is written to a private temporary directory: the confdir may be a read-only Secret mount.
+    It is written to `directory` (a private temporary one the caller removes): the confdir may be a
+    read-only Secret mount.
     """
-    bundle = Path(tempfile.mkdtemp(prefix="keycourier-")) / "upstream-trust.pem"
+    bundle = directory / "upstream-trust.pem"
     pems = [Path(certifi.where()).read_text()]
     if extra_ca:
         pems.append(extra_ca.read_text())

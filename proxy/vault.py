@@ -26,6 +26,40 @@ class VaultError(Exception):
         self.outcome = outcome  # metric label: ok, not_found, denied, sealed, tls, unreachable, error
 
 
+ANSWERED = frozenset({"ok", "not_found", "denied"})  # outcomes (metrics.VAULT_OUTCOMES) in which Vault answered
+
+
+class Contact:
+    """When Vault last answered and last failed to (monotonic clock): readiness is judged from these, so a
+    probe never makes a Vault request of its own."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.answered: float | None = None
+        self.failed: float | None = None
+        self.failure = ""
+
+    def record(self, outcome: str, reason: str = "") -> None:
+        if outcome in ANSWERED:
+            self.answered = self.clock()
+        else:
+            self.failed, self.failure = self.clock(), reason
+        metrics.VAULT_UP.set(outcome in ANSWERED)
+
+    def quiet_for(self) -> float:
+        """Seconds since Vault was last asked anything (infinite if never)."""
+        last = max((t for t in (self.answered, self.failed) if t is not None), default=None)
+        return float("inf") if last is None else self.clock() - last
+
+    def problem(self, grace: float) -> str | None:
+        """None while Vault answered last, or answered within `grace` seconds (what it gave is still cached)."""
+        if self.failed is None or (self.answered is not None and self.answered >= self.failed):
+            return None if self.answered is not None else "Vault not contacted yet"
+        if self.answered is not None and self.clock() - self.answered <= grace:
+            return None
+        return self.failure
+
+
 RENEW_AFTER = 2 / 3  # of the token's lease, as Vault Agent does, so a busy proxy never holds an expired token
 
 
@@ -66,6 +100,7 @@ class Vault:
         self._token_generation = 0
         self._lease = _Lease(0.0, 0, False)
         self.clock = clock
+        self.contact = Contact(clock)
 
     def read_kv2(self, ref: VaultSecretRef) -> tuple[dict, int, datetime | None]:
         """GET /v1/<mount>/data/<path>[?version=N]: the secret's fields, its version and when it was written."""
@@ -117,8 +152,10 @@ class Vault:
             error = VaultError(f"Vault at {self.addr} is unreachable", "unreachable")
         else:
             metrics.VAULT_REQUESTS.labels("ok").inc()
+            self.contact.record("ok")
             return result
         metrics.VAULT_REQUESTS.labels(error.outcome).inc()
+        self.contact.record(error.outcome, str(error))
         raise error
 
     def _ensure_login(self, stale_generation: int | None = None) -> int:

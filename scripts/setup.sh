@@ -47,8 +47,15 @@ if [ ! -x .venv/bin/promtool ]; then
     rm -rf "$deb_dir"
 fi
 
-# The embedded default policy encrypts with a local file key; make one on first set-up (never committed).
+# The embedded default policy encrypts with a local file key and re-signs for one local access key
+# (the quickstart's store accepts it); make both on first set-up (mode 600, never committed).
 if [ ! -f keys/dev.key ]; then
     .venv/bin/keycourier keygen keys/dev.key
+fi
+if [ ! -f keys/app-credentials.yaml ]; then
+    (umask 077 && .venv/bin/python -c 'import secrets
+print(f"access_key_id: AKIA{secrets.token_hex(8).upper()}\nsecret_access_key: {secrets.token_hex(20)}")' \
+        > keys/app-credentials.yaml)
+    echo "setup: wrote a new local access key to keys/app-credentials.yaml (mode 600)"
 fi
 echo "setup: ready ($(.venv/bin/python --version))"

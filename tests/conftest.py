@@ -101,7 +101,7 @@ class Keycourier(ProxyProcess):
 
     def __init__(self, workdir: Path, confdir: Path, policy_text: str, *, upstream_ca: Path | None = None,
                  mode: str = "regular", env: dict[str, str] | None = None, save_flows: bool = True,
-                 python: str = sys.executable, cwd: Path = REPO):
+                 python: str = sys.executable, cwd: Path = REPO, args: tuple[str, ...] = ()):
         self.workdir = workdir
         self.policy_path = workdir / "policies.yaml"
         self.policy_path.write_text(policy_text)
@@ -111,7 +111,7 @@ class Keycourier(ProxyProcess):
         port = free_port()
         command = [python, "-m", "keycourier.cli", "run", "--policies", str(self.policy_path),
                    "--listen-port", str(port), "--confdir", str(confdir), "--mode", mode,
-                   "--metrics-port", str(self.metrics_port)]
+                   "--metrics-port", str(self.metrics_port), *args]
         if save_flows:
             command += ["--save-flows", str(self.flows_path)]
         if upstream_ca:

@@ -21,7 +21,6 @@ KUBERNETES_VERSION = "1.33.0"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 # Kinds of CRDs kubernetes-validate has no schema for: checked against tests/schemas/<group>_<version>.json.
 CRD_GROUPS = {"monitoring.coreos.com/v1"}
-DRAIN_SECONDS = 25  # keycourier's drain on SIGTERM (--drain-seconds), until the CLI has the flag to read it from
 PROMTOOL = shutil.which("promtool") or str(Path(sys.executable).parent / "promtool")
 
 
@@ -137,7 +136,7 @@ def test_the_shared_proxy_drains_spreads_and_survives_voluntary_disruptions():
     pod_template = objects["Deployment"]["spec"]["template"]
     pod = pod_template["spec"]
     (keycourier,) = keycourier_containers(pod)
-    drain = getattr(_parser().parse_args(keycourier["args"]), "drain_seconds", DRAIN_SECONDS)
+    drain = _parser().parse_args(keycourier["args"]).drain_seconds
     pre_stop = keycourier["lifecycle"]["preStop"]["sleep"]["seconds"]
     # The grace period starts with preStop; keycourier then drains, and needs a moment to exit.
     assert pod["terminationGracePeriodSeconds"] == pre_stop + drain + 5

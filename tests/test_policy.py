@@ -245,3 +245,23 @@ def test_declared_credential_ids_are_validated(credentials, reason):
 def test_keys_take_no_access_key_id():
     with pytest.raises(PolicyError, match="unknown field 'access_key_id'"):
         parse_policy("version: 1\nendpoints: []\nkeys: {k: {file: k.key, access_key_id: AK1}}\nrules: []\n")
+
+
+def test_rule_names_label_rules_and_are_checked():
+    named = "version: 1\nendpoints: []\nrules:\n  - {name: payroll-eu, match: {provider: s3}, action: deny}\n  - {match: {provider: azure}, action: deny}\n"
+    assert [rule.name for rule in parse_policy(named).rules] == ["payroll-eu", "rule5"]
+    for bad in ("Payroll", "a b", "x" * 65, "1.5"):
+        with pytest.raises(PolicyError, match="must be 1-64 of a-z"):
+            parse_policy(named.replace("payroll-eu", bad))
+    twice = named.replace("{match: {provider: azure}", "{name: payroll-eu, match: {provider: azure}")
+    with pytest.raises(PolicyError, match="rule name 'payroll-eu' is taken by the rule at line 4"):
+        parse_policy(twice)
+
+
+def test_every_entry_error_is_collected_in_line_order():
+    text = ("version: 1\nendpoints:\n  - {host: a, provider: nope}\n  - {host: b, provider: s3}\n"
+            "credentials:\n  c: {}\nrules:\n  - {match: {provider: s3}, action: drop}\n  - {match: {provider: s3}, action: deny}\n")
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(text, source="p.yaml")
+    assert [str(error).split(": ")[0] for error in raised.value.errors] == ["p.yaml:3", "p.yaml:6", "p.yaml:8"]
+    assert str(raised.value) == str(raised.value.errors[0])

@@ -12,6 +12,7 @@ computed by botocore, fed exactly what the client declared it signed.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import datetime as dt
@@ -28,9 +29,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import trustme
+import yaml
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -1451,8 +1454,8 @@ class S3Upstream(StorageUpstream):
     thread_name = "s3-upstream"
 
     def __init__(self, ca: trustme.CA | None, credentials: dict[str, str], *,
-                 region: str = "us-east-1", tls: bool = True):
-        super().__init__(ca, tls=tls)
+                 region: str = "us-east-1", tls: bool = True, port: int = 0):
+        super().__init__(ca, tls=tls, port=port)
         self.region = region
         self._store = _Store(dict(credentials), region)
 
@@ -1467,3 +1470,33 @@ class S3Upstream(StorageUpstream):
     def stored(self, bucket: str, key: str) -> StoredObject:
         with self._store.lock:
             return self._store.buckets[bucket].objects[key]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The README's quickstart store: this server on 127.0.0.1 until interrupted, objects in memory."""
+    parser = argparse.ArgumentParser(prog="python -m tests.upstreams.s3",
+                                     description="A strict local S3 that enforces SSE-C (in memory; for trying keycourier)")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
+    parser.add_argument("--credentials", type=Path, default=Path("keys/app-credentials.yaml"),
+                        help="YAML with the one access_key_id and secret_access_key the store accepts")
+    parser.add_argument("--ca-file", type=Path, default=Path("demo-ca.pem"),
+                        help="where to write the CA of the store's certificate (new each start)")
+    args = parser.parse_args(argv)
+    credentials = yaml.safe_load(args.credentials.read_text())
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(args.ca_file))
+    upstream = S3Upstream(ca, {credentials["access_key_id"]: credentials["secret_access_key"]}, port=args.port)
+    for bucket in args.bucket:
+        upstream.create_bucket(bucket)
+    with upstream:
+        print(f"S3 at {upstream.endpoint_url}, buckets: {', '.join(args.bucket) or 'none'}; "
+              f"its CA is {args.ca_file}; Ctrl-C stops it", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

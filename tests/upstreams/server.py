@@ -50,12 +50,12 @@ class TestServer:
     extra_hostnames: tuple[str, ...] = ()
     missing_ca_message = "TLS needs a trustme.CA to issue the server certificate"
 
-    def __init__(self, ca: trustme.CA | None, *, tls: bool = True):
+    def __init__(self, ca: trustme.CA | None, *, tls: bool = True, port: int = 0):
         if tls and ca is None:
             raise ValueError(self.missing_ca_message)
         self._ca = ca
         self.tls = tls
-        self._port = 0
+        self._port = port  # 0: the system picks one
         self._server: TlsHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -101,8 +101,8 @@ class StorageUpstream(TestServer):
     """A storage service emulator: every request recorded in `requests`, the traceback of each one
     answered with 500 in `internal_errors`."""
 
-    def __init__(self, ca: trustme.CA | None, *, tls: bool = True):
-        super().__init__(ca, tls=tls)
+    def __init__(self, ca: trustme.CA | None, *, tls: bool = True, port: int = 0):
+        super().__init__(ca, tls=tls, port=port)
         self.requests: list[ReceivedRequest] = []
         self.internal_errors: list[str] = []  # tracebacks of requests answered with 500
 
