@@ -16,6 +16,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from tests.upstreams.s3 import S3Upstream
 from tests.upstreams.server import ResponseWriter, TestServer
 
 ACCESS_KEY, SECRET = "AKIABENCHMARK", "benchmark-secret"
@@ -56,6 +57,16 @@ class SinkUpstream(TestServer):
         self.size = size
 
 
+class NoDelayS3Handler(S3Upstream.handler):
+    # It writes a response's header and body separately: with Nagle's algorithm the body would wait 40 ms for
+    # the peer's delayed ACK, and that, not the proxy, would set the pace of small GETs.
+    disable_nagle_algorithm = True
+
+
+class NoDelayS3Upstream(S3Upstream):
+    handler = NoDelayS3Handler
+
+
 class Upload:
     """A body of known length that is never held in memory (sent with Content-Length)."""
 
@@ -72,9 +83,10 @@ class Upload:
         return piece
 
 
-def signed_headers(method: str, url: str) -> dict[str, str]:
-    """SigV4 headers for a request whose body is not signed (UNSIGNED-PAYLOAD), as SDKs send over https."""
-    request = AWSRequest(method=method, url=url)
+def signed_headers(method: str, url: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """SigV4 headers (with `headers`, signed too) for a request whose body is not signed (UNSIGNED-PAYLOAD), as
+    SDKs send over https."""
+    request = AWSRequest(method=method, url=url, headers=headers)
     request.context["client_config"] = UNSIGNED_PAYLOAD
     S3SigV4Auth(Credentials(ACCESS_KEY, SECRET), "s3", "us-east-1").add_auth(request)
     return dict(request.headers)

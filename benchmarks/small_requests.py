@@ -40,24 +40,15 @@ from urllib.parse import urlsplit
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (ACCESS_KEY, PIECE, SECRET, SinkUpstream, Upload, cpu_seconds,  # noqa: E402
-                               memory_kib, policy, reset_peak_memory, signed_headers, write_key_and_credentials)
+from benchmarks.common import (ACCESS_KEY, PIECE, SECRET, NoDelayS3Upstream, SinkUpstream, Upload,  # noqa: E402
+                               cpu_seconds, memory_kib, policy, reset_peak_memory, signed_headers,
+                               write_key_and_credentials)
 from tests.conftest import REPO, Keycourier, ProxyProcess, free_port  # noqa: E402
 from tests.upstreams.s3 import S3Upstream  # noqa: E402
 
 SMALL_GET_SIZE, SMALL_PUT_SIZE = 1024, 4 * 1024
 TIMEOUT = 60  # seconds a socket may wait: a stuck proxy fails the run instead of hanging it
 MITMDUMP_SCRIPT = Path(__file__).with_name("mitmdump_streaming.py")
-
-
-class NoDelayS3Handler(S3Upstream.handler):
-    # It writes a response's header and body separately: with Nagle's algorithm the body would wait 40 ms for
-    # the peer's delayed ACK, and that, not the proxy, would set the pace of small GETs.
-    disable_nagle_algorithm = True
-
-
-class NoDelayS3Upstream(S3Upstream):
-    handler = NoDelayS3Handler
 
 
 @dataclass

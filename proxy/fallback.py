@@ -40,6 +40,7 @@ class FallbackForwarder:
         self._tls = tls
         self._parked: dict[str, Parked] = {}
         self._lock = threading.Lock()
+        self._idle: dict[tuple[str, int], list[http.client.HTTPSConnection]] = {}  # kept-alive upstream connections
         handler = type("Handler", (_Handler,), {"forwarder": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -63,14 +64,35 @@ class FallbackForwarder:
         self._server.shutdown()
         self._server.server_close()
 
-    def send(self, request: Request) -> http.client.HTTPResponse:
-        connection = http.client.HTTPSConnection(request.host, request.port, timeout=TIMEOUT_SECONDS,
-                                                 context=self._tls)
+    def send(self, request: Request) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        """The request on a kept-alive connection to its upstream if one is idle (once more on a new one if that
+        connection turns out closed), else on a new one."""
+        with self._lock:
+            idle = self._idle.get((request.host, request.port))
+            connection = idle.pop() if idle else None
+        if connection is not None:
+            try:
+                return connection, self._exchange(connection, request)
+            except (OSError, http.client.HTTPException):
+                connection.close()
+        connection = http.client.HTTPSConnection(request.host, request.port, timeout=TIMEOUT_SECONDS, context=self._tls)
+        return connection, self._exchange(connection, request)
+
+    @staticmethod
+    def _exchange(connection: http.client.HTTPSConnection, request: Request) -> http.client.HTTPResponse:
         connection.putrequest(request.method, request.target, skip_host=True, skip_accept_encoding=True)
         for name, value in request.headers:
             connection.putheader(name, value)
         connection.endheaders()
         return connection.getresponse()
+
+    def done_with(self, connection: http.client.HTTPSConnection, response: http.client.HTTPResponse) -> None:
+        """After its answer was read to the end: kept for the next request unless the upstream closes it."""
+        if response.will_close or not response.isclosed():
+            connection.close()
+            return
+        with self._lock:
+            self._idle.setdefault((connection.host, connection.port), []).append(connection)
 
 
 def next_attempt(parked: Parked, tried: int, outcome: str) -> int | None:
@@ -85,6 +107,7 @@ def next_attempt(parked: Parked, tried: int, outcome: str) -> int | None:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
     forwarder: FallbackForwarder
 
     def _serve(self):
@@ -95,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         tried = 0
         while True:
             try:
-                response = self.forwarder.send(parked.requests[tried])
+                connection, response = self.forwarder.send(parked.requests[tried])
             except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
                 self._answer(502, [("content-type", "text/plain"), ("x-keycourier-error", "the provider could not be "
                                    f"reached: {type(exc).__name__}")], b"")
@@ -105,8 +128,11 @@ class _Handler(BaseHTTPRequestHandler):
             following = next_attempt(parked, tried, parked.judge(response.status, headers, start))
             if following is None:
                 self._relay(response, tried, start)
+            else:
+                response.read()  # the rest of an error document: the connection serves the next try
+            self.forwarder.done_with(connection, response)
+            if following is None:
                 return
-            response.close()
             tried = following
 
     do_GET = do_HEAD = do_PUT = _serve
@@ -121,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             if length is not None:
                 self.send_header("content-length", length)
             self.end_headers()
-            response.close()
+            response.read()  # nothing to read, but http.client's connection is free for the next request only then
             return
         chunked = length is None
         if chunked:
@@ -138,7 +164,6 @@ class _Handler(BaseHTTPRequestHandler):
                 break
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
-        response.close()
 
     def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes):
         self.send_response(status)

@@ -58,6 +58,7 @@ def framing_headers(headers) -> list[tuple[str, str]]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
     sink: RefusalSink
 
     def do_PUT(self):
