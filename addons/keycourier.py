@@ -48,13 +48,15 @@ POLICY_POLL_SECONDS = 1.0
 ENDPOINT_RESOLVE_SECONDS = 30.0
 VAULT_CHECK_SECONDS = 10.0  # Vault's health is asked after this long without any Vault request (readiness)
 # Options keycourier's guarantees rest on: an object store's connection is never relayed raw (a 101 answer
-# would switch to raw TCP), and a tunnel's address is known (connected) before keycourier decides on it.
-REQUIRED_OPTIONS = {"rawtcp": False, "connection_strategy": "eager", "ssl_insecure": False}
+# would switch to raw TCP), a tunnel's address is known (connected) before keycourier decides on it, and
+# mitmdump's own flow lines (object names) are off: the audit line replaces them.
+REQUIRED_OPTIONS = {"rawtcp": False, "connection_strategy": "eager", "ssl_insecure": False, "flow_detail": 0}
 
 
 class KeyCourier:
-    def __init__(self, secrets: Secrets | None = None):
+    def __init__(self, secrets: Secrets | None = None, *, as_script: bool = False):
         self.secrets = secrets or Secrets()
+        self.as_script = as_script  # loaded by mitmdump -s, after mitmproxy's own addons
         self.policy_file: PolicyFile | None = None
         self.addresses = EndpointAddresses()
         self.versions = KeyVersions()  # which key version objects were last read or written with
@@ -80,6 +82,11 @@ class KeyCourier:
         logs.install()
 
     def configure(self, updated):
+        if self.as_script and "save_stream_file" in ctx.options and ctx.options.save_stream_file:
+            # Loaded after mitmproxy's own addons, keycourier would redact a failed flow's key headers only after
+            # mitmproxy's saver has written them: `keycourier run --save-flows` orders the addons safely.
+            raise exceptions.OptionsError("keycourier as a mitmdump script cannot save flows without key material: "
+                                          "use keycourier run --save-flows")
         for name, required in REQUIRED_OPTIONS.items():
             if name in ctx.options and getattr(ctx.options, name) != required:
                 if name == "ssl_insecure":
@@ -498,4 +505,4 @@ def _encode(headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape")) for k, v in headers]
 
 
-addons = [KeyCourier()]  # what mitmproxy loads from this file as a script
+addons = [KeyCourier(as_script=True)]  # what mitmproxy loads from this file as a script

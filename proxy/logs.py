@@ -19,6 +19,16 @@ def withhold_details(message: str) -> str:
     return message if found is None else f"{message[: found.start()].rstrip()} {WITHHELD}"
 
 
+def _exception_text(exc_info) -> str:
+    """The exception's type, and its message too when keycourier raised it (its messages name no object)."""
+    kind, error, trace = exc_info
+    while trace and trace.tb_next:
+        trace = trace.tb_next
+    module = trace.tb_frame.f_globals.get("__name__", "") if trace else ""
+    own = module.startswith(OWN_LOGGER) or module.startswith("__mitmproxy_script__.keycourier")
+    return f"{kind.__name__}: {error}" if own else kind.__name__
+
+
 def install() -> None:
     """Every log record made from now on, by any library, goes through withhold_details unless keycourier
     made it. A record factory, not a handler filter: it holds for handlers added later too."""
@@ -30,8 +40,8 @@ def install() -> None:
         made = make_record(*args, **kwargs)
         if made.name != OWN_LOGGER and not made.name.startswith(OWN_LOGGER + "."):
             made.msg, made.args = withhold_details(made.getMessage()), None
-            if made.exc_info:  # exception texts quote what they failed on
-                made.msg, made.exc_info, made.exc_text = f"{made.msg} ({made.exc_info[0].__name__})", None, None
+            if made.exc_info:  # exception texts quote what they failed on, unless keycourier wrote them
+                made.msg, made.exc_info, made.exc_text = f"{made.msg} ({_exception_text(made.exc_info)})", None, None
         return made
 
     record.keycourier = True
