@@ -12,6 +12,7 @@ import socket
 import sys
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 if __name__.startswith("__mitmproxy_script__"):
     # mitmproxy puts a script's folder first on sys.path; this file's name would shadow the keycourier package.
@@ -78,6 +79,8 @@ class KeyCourier:
     def load(self, loader):
         loader.add_option("keycourier_policies", str, "", "Path of keycourier's policies.yaml.")
         loader.add_option("keycourier_metrics", str, "", "host:port serving /metrics, /healthz and /readyz; empty: none.")
+        loader.add_option("keycourier_ready_file", str, "", "A file kept holding why this worker is not ready "
+                          "(empty when ready), for keycourier run --workers; empty: none.")
         loader.add_option("keycourier_log_format", str, "text", "Audit log lines as text or json.", choices=FORMATS)
         logs.install()
 
@@ -132,6 +135,8 @@ class KeyCourier:
     async def _watch_policy(self):
         since_resolved = 0.0
         while True:
+            if ctx.options.keycourier_ready_file:  # a worker of keycourier run --workers: its supervisor reads it
+                await asyncio.to_thread(Path(ctx.options.keycourier_ready_file).write_text, self._readiness() or "")
             await asyncio.sleep(POLICY_POLL_SECONDS)
             since_resolved += POLICY_POLL_SECONDS
             result = await asyncio.to_thread(self.policy_file.reload_if_changed)

@@ -227,18 +227,22 @@ class Bench:
 
 
 def start_configurations(cleanup: ExitStack, work: Path, ca: trustme.CA, s3: S3Upstream, sink: SinkUpstream,
-                         keycourier_repo: Path) -> list[Configuration]:
+                         keycourier_repo: Path, workers: int) -> list[Configuration]:
     upstream_ca = work / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(upstream_ca))
     write_key_and_credentials(work)
     confdir = work / "confdir"  # one interception CA for all proxies
     python = str(keycourier_repo / ".venv" / "bin" / "python")
     keycouriers = {}
-    for name, action in (("passthrough", "passthrough"), ("encrypt", "encrypt, key: bench")):
+    runs = [("passthrough", "passthrough", 1), ("encrypt", "encrypt, key: bench", 1)]
+    if workers > 1:
+        runs.append((f"encrypt x{workers}", "encrypt, key: bench", workers))
+    for name, action, count in runs:
         (work / name).mkdir()
         rules = [f"{{match: {{provider: s3, bucket: bench}}, action: {action}}}"]
         keycouriers[name] = Keycourier(work / name, confdir, policy(work, [s3.port, sink.port], rules),
-                                       upstream_ca=upstream_ca, save_flows=False, python=python, cwd=keycourier_repo)
+                                       upstream_ca=upstream_ca, save_flows=False, python=python, cwd=keycourier_repo,
+                                       args=("--workers", str(count)) if count > 1 else ())
         cleanup.callback(keycouriers[name].stop)
     port = free_port()
     mitmdump = ProxyProcess("mitmdump", [
@@ -305,6 +309,8 @@ def main() -> None:
     parser.add_argument("--keycourier-repo", type=Path, default=REPO,
                         help="checkout of keycourier to measure, run with its own .venv (default: this one)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also measure keycourier encrypt run with this many workers (keycourier run --workers)")
     args = parser.parse_args()
     if min(args.runs, args.clients, args.large_mib) < 1 or args.seconds <= 0:
         parser.error("--runs, --clients, --large-mib and --seconds must be positive")
@@ -323,7 +329,7 @@ def main() -> None:
         s3 = cleanup.enter_context(NoDelayS3Upstream(ca, {ACCESS_KEY: SECRET}))
         s3.create_bucket("bench")
         sink = cleanup.enter_context(SinkUpstream(ca, args.large_mib * PIECE))
-        configurations = start_configurations(cleanup, work, ca, s3, sink, keycourier_repo)
+        configurations = start_configurations(cleanup, work, ca, s3, sink, keycourier_repo, args.workers)
         bench = Bench(s3, sink, clients=args.clients, seconds=args.seconds)
         for configuration in configurations:
             bench.seed(configuration)

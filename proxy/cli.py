@@ -5,14 +5,17 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from keycourier import __version__, rotate
 from keycourier.policy import PolicyError, load_policy
+from keycourier.workers import MULTIPROC_ENV, Supervisor, readiness_file, worker_count
 
 DEFAULT_CONFDIR = Path("~/.keycourier").expanduser()
 DEFAULT_DRAIN_SECONDS = 25.0
@@ -24,7 +27,9 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.raw_argv = argv
     try:
         return args.command(args)
     except CliError as exc:
@@ -50,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="every log line on stderr as text or as one JSON object")
     run.add_argument("--verbose", action="store_true", help="also log each connection's connect and disconnect")
+    run.add_argument("--workers", default="1", help="proxy processes sharing the listening port (auto: one per core)")
+    run.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by the --workers supervisor
     run.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
                      help="on SIGTERM, how long requests in flight may take to finish before keycourier exits")
     run.set_defaults(command=_run)
@@ -154,10 +161,19 @@ def _run(args) -> int:
         raise CliError(f"--mode {args.mode}: {problem}")
     if args.drain_seconds < 0:
         raise CliError("--drain-seconds must be >= 0")
-    for what, host, port in (("listen on", args.listen_host, args.listen_port),
-                             ("serve metrics on", args.metrics_host, args.metrics_port)):
-        _check_port_free(what, host, port)
-    ensure_ca(args.confdir)
+    try:
+        workers = worker_count(args.workers)
+    except ValueError:
+        raise CliError(f"--workers {args.workers}: a number of processes, or auto") from None
+    if args.worker_of is None:  # a worker's ports are bound by its siblings, its CA made by its supervisor
+        for what, host, port in (("listen on", args.listen_host, args.listen_port),
+                                 ("serve metrics on", args.metrics_host, args.metrics_port)):
+            _check_port_free(what, host, port)
+        ensure_ca(args.confdir)
+    if workers > 1 and args.save_flows:
+        raise CliError("--save-flows with --workers: the workers would write over one another's flows; save flows with one")
+    if workers > 1:
+        return Supervisor(_worker_argv(args), workers, args.metrics_host, args.metrics_port).run()
     with tempfile.TemporaryDirectory(prefix="keycourier-") as private:
         try:
             trust = upstream_trust_bundle(args.upstream_ca, Path(private))
@@ -173,12 +189,26 @@ def _run(args) -> int:
             # Reverse mode: keep the Host the client signed; the pipeline sets the upstream's and re-signs.
             "keep_host_header": True,
             "keycourier_policies": str(args.policies),
-            "keycourier_metrics": f"{args.metrics_host}:{args.metrics_port}",
+            "keycourier_metrics": "" if args.worker_of else f"{args.metrics_host}:{args.metrics_port}",
+            "keycourier_ready_file": str(readiness_file(os.environ.get(MULTIPROC_ENV)) or "") if args.worker_of else "",
             "keycourier_log_format": args.log_format,
         }
         if args.save_flows:
             options["save_stream_file"] = str(args.save_flows)
         return asyncio.run(_serve(options, args))
+
+
+def _worker_argv(args) -> list[str]:
+    """The command line of one worker: this one's, as one process."""
+    argv, skip = [], False
+    for word in args.raw_argv:
+        if skip:
+            skip = False
+        elif word == "--workers":
+            skip = True
+        elif not word.startswith("--workers="):
+            argv.append(word)
+    return argv
 
 
 def _check_port_free(what: str, host: str, port: int) -> None:
@@ -210,6 +240,8 @@ async def _serve(options: dict, args) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logs.install()
     handler = logs.log_to_stream(sys.stderr, args.log_format, verbose=args.verbose)
+    if args.worker_of:
+        _share_the_listening_port(args.worker_of)
     try:
         proxy = master.Master(Options(), event_loop=asyncio.get_running_loop())
         # keycourier first: it scrubs key headers before any other addon (save) sees a flow. No dumper:
@@ -233,6 +265,22 @@ async def _serve(options: dict, args) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
     return 0
+
+
+def _share_the_listening_port(supervisor: int) -> None:
+    """A --workers worker: mitmproxy binds its listener with asyncio.start_server; with SO_REUSEPORT the workers
+    bind the same port and the kernel spreads connections over them. A worker whose supervisor is gone stops."""
+    import functools
+    import threading
+
+    asyncio.start_server = functools.partial(asyncio.start_server, reuse_port=True)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="keycourier-supervisor-watch", daemon=True).start()
 
 
 def _warn_unreadable(keycourier) -> None:

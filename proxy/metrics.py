@@ -18,7 +18,9 @@ from keycourier.refusals import REASONS
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # CPU, memory, open files of keycourier's own process
 PlatformCollector(registry=REGISTRY)
-BUILD_INFO = Gauge("keycourier_build_info", "The running keycourier's version (always 1)", ["version"], registry=REGISTRY)
+# multiprocess_mode: how --workers sums a gauge over its workers (ignored with one process).
+BUILD_INFO = Gauge("keycourier_build_info", "The running keycourier's version (always 1)", ["version"], registry=REGISTRY,
+                   multiprocess_mode="livemax")
 BUILD_INFO.labels(__version__).set(1)
 
 # Label values alerts and dashboards query: their series exist from the start, at 0, so `rate()` and
@@ -45,7 +47,7 @@ TRANSLATIONS = Counter("keycourier_translations", "Client keys carried over from
                        ["from_dialect", "to_dialect"], registry=REGISTRY)
 VAULT_REQUESTS = Counter("keycourier_vault_requests", "Vault reads and logins, by outcome", ["outcome"], registry=REGISTRY)
 VAULT_UP = Gauge("keycourier_vault_up", "1 if Vault answered keycourier's last request, 0 if that request failed",
-                 registry=REGISTRY)
+                 registry=REGISTRY, multiprocess_mode="livemin")
 VAULT_SECONDS = Histogram("keycourier_vault_request_seconds", "Time of Vault reads and logins", registry=REGISTRY)
 KEY_CACHE = Counter("keycourier_key_cache", "Key and credential look-ups, by cache result", ["result"], registry=REGISTRY)
 UPSTREAM_SECONDS = Histogram("keycourier_upstream_seconds", "Time from request start to the upstream's answer",
@@ -53,9 +55,10 @@ UPSTREAM_SECONDS = Histogram("keycourier_upstream_seconds", "Time from request s
 BODY_BYTES = Counter("keycourier_body_bytes", "Body bytes streamed through keycourier", ["provider", "direction"],
                      registry=REGISTRY)
 POLICY_RELOADS = Counter("keycourier_policy_reloads", "Policy file reloads, by outcome", ["outcome"], registry=REGISTRY)
-POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", registry=REGISTRY)
+POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", registry=REGISTRY,
+                     multiprocess_mode="livemax")
 POLICY_LOADED = Gauge("keycourier_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
-                      registry=REGISTRY)
+                      registry=REGISTRY, multiprocess_mode="livemin")
 
 for _counter, _values in ((REFUSALS, REASONS), (VAULT_REQUESTS, VAULT_OUTCOMES), (KEY_CACHE, KEY_CACHE_RESULTS),
                           (POLICY_RELOADS, RELOAD_OUTCOMES), (CONNECTIONS_CLOSED, CLOSED_REASONS)):
@@ -99,10 +102,11 @@ def counting(provider: str, direction: str, transform: Callable[[bytes], bytes] 
 
 class _Handler(BaseHTTPRequestHandler):
     readiness: Callable[[], str | None]
+    registry: CollectorRegistry
 
     def do_GET(self):
         if self.path == "/metrics":
-            self._answer(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            self._answer(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif self.path == "/healthz":
             self._answer(200, b"ok\n")
         elif self.path == "/readyz":
@@ -122,9 +126,21 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(host: str, port: int, readiness: Callable[[], str | None]) -> ThreadingHTTPServer:
+def multiprocess_registry(directory: str) -> CollectorRegistry:
+    """What --workers serves: every worker's metrics (written to `directory` by prometheus-client), summed, and the
+    supervisor's own process metrics."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def serve(host: str, port: int, readiness: Callable[[], str | None],
+          registry: CollectorRegistry = REGISTRY) -> ThreadingHTTPServer:
     """Serves /metrics, /healthz (alive) and /readyz (`readiness` returns why not ready, or None)."""
-    handler = type("Handler", (_Handler,), {"readiness": staticmethod(readiness)})
+    handler = type("Handler", (_Handler,), {"readiness": staticmethod(readiness), "registry": registry})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name="keycourier-metrics", daemon=True).start()
     return server
