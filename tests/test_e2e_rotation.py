@@ -5,6 +5,7 @@ server; every claim is checked at the upstream (which key an object is stored un
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import os
 import time
@@ -12,7 +13,7 @@ import time
 import boto3
 import pytest
 from azure.core.exceptions import HttpResponseError
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -185,7 +186,15 @@ def test_azure_blobs_stay_readable_across_a_rotation(proxy, azure, vault, monkey
     old = azure.stored(ACCOUNT, "rot", "before.bin").encryption_key_sha256
     rotate_to(vault, os.urandom(32))
     assert blob.download_blob().readall() == b"azure data under the old key"
+    assert blob.download_blob(offset=6, length=4).readall() == b"data"
     assert blob.get_blob_properties().size == 28
+    # As a Put Blob From URL source: the source key falls back to the old version, the copy gets the newest.
+    sas = generate_blob_sas(ACCOUNT, "rot", "before.bin", account_key=ACCOUNT_KEY, permission=BlobSasPermissions(read=True),
+                            expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    copy = client.get_blob_client("rot", "copied.bin")
+    copy.upload_blob_from_url(azure.blob_url(ACCOUNT, "rot", "before.bin") + "?" + sas, overwrite=True)
+    assert azure.stored(ACCOUNT, "rot", "copied.bin").encryption_key_sha256 != old
+    assert copy.download_blob().readall() == b"azure data under the old key"
     blob.set_blob_metadata({"rotated": "no"})
     assert azure.stored(ACCOUNT, "rot", "before.bin").encryption_key_sha256 == old  # still its own key
     with pytest.raises(HttpResponseError):
