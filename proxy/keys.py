@@ -17,7 +17,10 @@ from typing import TypeVar
 
 import yaml
 
+from cryptography.hazmat.primitives import serialization
+
 from keycourier import metrics
+from keycourier.envelope import MasterKey
 from keycourier.policy import Policy, SecretSpec, VaultSecretRef
 from keycourier.vault import Vault, VaultError
 
@@ -39,7 +42,8 @@ class KeyUnavailable(Exception):
 class Key:
     name: str
     version: str
-    material: bytes = field(repr=False)
+    material: bytes = field(repr=False)  # an RSA key's: its public half (DER), which names it and is no secret
+    master: MasterKey | None = field(default=None, repr=False, compare=False)  # an RSA key pair (type: rsa)
 
     @property
     def b64(self) -> str:
@@ -71,6 +75,19 @@ def decode_key(name: str, text: str) -> bytes:
     if len(material) != KEY_BYTES:
         raise KeyUnavailable(f"key {name!r} decodes to {len(material)} bytes, not {KEY_BYTES}")
     return material
+
+
+def decode_secret(spec: SecretSpec, version: str, text: str) -> Key:
+    """A key as its source holds it: base64 of 32 bytes, or (type: rsa) a PEM private key."""
+    if spec.key_type != "rsa":
+        return Key(spec.name, version, decode_key(spec.name, text))
+    try:
+        master = MasterKey.from_pem(spec.name, text.encode())
+    except ValueError as exc:
+        raise KeyUnavailable(str(exc)) from None  # names the key, never shows it
+    public = master.private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Key(spec.name, version, public, master)
 
 
 def generate_key_file(path: Path) -> None:
@@ -259,13 +276,13 @@ class Secrets:
         return (write, *(key for key in (latest, *older) if key.version != write.version))
 
     def _file_key(self, spec: SecretSpec, path: Path, version: str) -> Key:
-        return Key(spec.name, version, decode_key(spec.name, read_private_file(path, f"key {spec.name!r}")))
+        return decode_secret(spec, version, read_private_file(path, f"key {spec.name!r}"))
 
     def _vault_key(self, policy: Policy, spec: SecretSpec, ref: VaultSecretRef) -> Key:
         fields, version = self._read_vault(policy, ref, f"key {spec.name!r}")
         if ref.field not in fields:
             raise KeyUnavailable(f"key {spec.name!r}: Vault secret {ref.api_path} has no field {ref.field!r}")
-        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[ref.field])))
+        return decode_secret(spec, f"v{version}", str(fields[ref.field]))
 
     def _load_credential(self, policy: Policy, spec: SecretSpec) -> Credential:
         what = f"credential {spec.name!r}"
