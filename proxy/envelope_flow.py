@@ -145,8 +145,9 @@ class Upload(Exchange):
         self._cipher = material.cipher()
         self._digest = hashlib.md5()
         self._ended = length == 0  # mitmproxy never streams an empty body through the transform
+        self.body = self._checked if self._expected else self._cipher
 
-    def body(self, chunk: bytes) -> bytes:
+    def _checked(self, chunk: bytes) -> bytes:
         self._ended = not chunk  # mitmproxy calls once more with b"" at the end
         self._digest.update(chunk)
         return self._cipher(chunk)
@@ -200,7 +201,7 @@ class Download(Exchange):
         start = _CONTENT_RANGE.fullmatch(fields.get("content-range", "")) if status == 206 else None
         if status == 206 and not start:
             return self._refused("the provider answered a range keycourier cannot place in the object", fields, 502)
-        md5 = fields.get(envelope.UNENCRYPTED_MD5_HEADER)
+        md5 = fields.get(envelope.UNENCRYPTED_MD5_HEADER) if status == 200 else None  # a range's is not the object's
         plain = [(name, value) for name, value in _without(headers, CRC_HEADER, "content-md5")
                  if not name.lower().startswith(OWN_METADATA)]
         return Reply(status, plain + ([("Content-MD5", md5)] if md5 else []),
