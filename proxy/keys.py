@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-
 from cryptography.hazmat.primitives import serialization
 
 from keycourier import metrics

@@ -496,14 +496,8 @@ class _PolicyReader:
         for name in ENVELOPE_FIELDS:
             if name in entry:
                 raise _NodeError(entry.lines[name], f"{name} goes with envelope: {ENVELOPES[0]}")
-        if keys.get(entry.get("key")) and keys[entry["key"]].key_type == "rsa":
+        if provider != "oss" and self.named_key(entry, keys, "an encrypt rule needs a key").key_type == "rsa":
             raise _NodeError(entry.lines["key"], f"key {entry['key']!r} is an RSA key pair: only envelope rules take it")
-        if provider != "oss":
-            if "key" not in entry:
-                raise _NodeError(entry.line, "an encrypt rule needs a key")
-            if entry["key"] not in keys:
-                known = ", ".join(sorted(keys)) or "none defined"
-                raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
         if provider == "oss" and "key" in entry:
             raise _NodeError(entry.lines["key"], "OSS takes no customer key: give oss_sse (AES256, SM4 or KMS)")
         if provider in ("oss", "*") and ("oss_sse" in entry or provider == "oss"):
@@ -524,19 +518,21 @@ class _PolicyReader:
         for name in ("oss_sse", "kms_key_id"):
             if name in entry:
                 raise _NodeError(entry.lines[name], f"an envelope rule takes no {name}: keycourier encrypts the data itself")
-        if "key" not in entry:
-            raise _NodeError(entry.line, "an envelope rule needs a key: an RSA key pair (type: rsa)")
-        spec = keys.get(entry["key"])
-        if spec is None:
-            known = ", ".join(sorted(keys)) or "none defined"
-            raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
-        if spec.key_type != "rsa":
+        if self.named_key(entry, keys, "an envelope rule needs a key: an RSA key pair (type: rsa)").key_type != "rsa":
             raise _NodeError(entry.lines["key"], f"key {entry['key']!r} must be an RSA key pair (type: rsa) for envelope encryption")
         if entry.get("wrap", WRAPS[0]) not in WRAPS:
             raise _NodeError(entry.lines["wrap"], f"wrap must be one of {', '.join(WRAPS)}")
         matdesc = entry.get("matdesc", {})
         if not isinstance(matdesc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()):
             raise _NodeError(entry.lines["matdesc"], "matdesc must map names to strings")
+
+    def named_key(self, entry: _Mapping, keys: dict[str, SecretSpec], needed: str) -> SecretSpec:
+        if "key" not in entry:
+            raise _NodeError(entry.line, needed)
+        if not isinstance(entry["key"], str) or entry["key"] not in keys:
+            known = ", ".join(sorted(keys)) or "none defined"
+            raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
+        return keys[entry["key"]]
 
     def envelope(self, entry: _Mapping) -> dict[str, Any]:
         if "envelope" not in entry:
