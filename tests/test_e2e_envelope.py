@@ -204,9 +204,11 @@ def test_objects_under_the_previous_master_key_are_read_and_new_ones_use_the_cur
     assert decrypted(upstream, "cse-rsa", "old.bin", masters["current"]) == DATA
 
 
-def test_a_wrong_key_and_a_tampered_key_are_answered_alike_never_with_bytes(app, upstream, ca_pem, providers):
+def test_a_wrong_key_and_a_tampered_key_are_answered_alike_never_with_bytes(app, upstream, ca_pem, masters,
+                                                                           providers):
     direct(upstream, ca_pem, "cse-rsa", providers["stranger"]).put_object("stranger.bin", DATA)
     direct(upstream, ca_pem, "cse-rsa", providers["current"]).put_object("tampered.bin", DATA)
+    secrets = stored_material(upstream, "cse-rsa", "tampered.bin", masters["current"])
     stored = upstream.stored("cse-rsa", "tampered.bin")
     wrapped = bytearray(base64.b64decode(stored.metadata["client-side-encryption-key"]))
     wrapped[100] ^= 1
@@ -215,6 +217,7 @@ def test_a_wrong_key_and_a_tampered_key_are_answered_alike_never_with_bytes(app,
     for name in ("stranger.bin", "tampered.bin"):
         response = raw_get(app, upstream, "cse-rsa", name)
         assert response.status_code == 403 and DATA[:64] not in response.content
+        assert not any(spelling in response.content for secret in secrets for spelling in key_spellings(secret))
         answers.append((response.content, response.headers["x-keycourier-error"]))
     assert answers[0] == answers[1] and "unwraps" in answers[0][1]
     error = refused(lambda: through(upstream, "cse-rsa").head_object("stranger.bin"))
