@@ -12,6 +12,7 @@ import socket
 import sys
 import weakref
 from dataclasses import replace
+from http import HTTPStatus
 from pathlib import Path
 
 if __name__.startswith("__mitmproxy_script__"):
@@ -305,6 +306,12 @@ class KeyCourier:
         if decision.respond_as:
             headers = translate_response(headers, decision.audit.provider, decision.respond_as)
         body = None
+        if decision.envelope:
+            reply = decision.envelope.respond(flow.response.status_code, headers)
+            headers, body = reply.headers, reply.body
+            if reply.error:
+                flow.response.status_code, flow.response.reason = reply.status, HTTPStatus(reply.status).phrase
+                headers.append(("x-keycourier-error", header_safe(reply.error)))
         if scrubber:
             headers = scrubber.headers(headers)
             if not pipeline.is_object_data(decision.audit, flow.response.status_code):

@@ -25,12 +25,15 @@ UNSIGNED_PAYLOAD = Config(s3={"payload_signing_enabled": False})
 
 
 class SinkHandler(ResponseWriter, BaseHTTPRequestHandler):
-    """Discards uploads; serves downloads of the owner's `size` in zeros."""
+    """Discards uploads; serves downloads of the owner's `size` in zeros, with the user metadata (x-*-meta-*
+    headers) of the last upload, as a store would: envelope encryption needs its metadata back to decrypt."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # the GET header is a write of its own: no wait for a delayed ACK
 
     def do_PUT(self):
+        self.server.owner.metadata = [(name, value) for name, value in self.headers.items()
+                                      if name.lower().startswith("x-") and "-meta-" in name.lower()]
         remaining = int(self.headers["content-length"])
         while remaining:
             remaining -= len(self.rfile.read(min(remaining, PIECE)))
@@ -39,7 +42,8 @@ class SinkHandler(ResponseWriter, BaseHTTPRequestHandler):
     def do_GET(self):
         size = self.server.owner.size
         self.send_response(200)
-        self.send_header("content-length", str(size))
+        for name, value in [("content-length", str(size)), *self.server.owner.metadata]:
+            self.send_header(name, value)
         self.end_headers()
         piece = b"\0" * PIECE
         for _ in range(size // PIECE):
@@ -55,6 +59,7 @@ class SinkUpstream(TestServer):
     def __init__(self, ca: trustme.CA, size: int):
         super().__init__(ca)
         self.size = size
+        self.metadata: list[tuple[str, str]] = []
 
 
 class NoDelayS3Handler(S3Upstream.handler):

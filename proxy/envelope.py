@@ -30,17 +30,17 @@ MAX_MASTER_KEYS = 16  # a read may try every one of them, two RSA decryptions ap
 _COUNTER_MODULUS = 1 << 128
 
 # oss2 headers.py: OSS_CLIENT_SIDE_ENCRYPTION_*
-_META = "x-oss-meta-client-side-encryption-"
-KEY_HEADER = _META + "key"
-START_HEADER = _META + "start"
-CEK_ALG_HEADER = _META + "cek-alg"
-WRAP_ALG_HEADER = _META + "wrap-alg"
-MATDESC_HEADER = _META + "matdesc"
-UNENCRYPTED_LENGTH_HEADER = _META + "unencrypted-content-length"
-UNENCRYPTED_MD5_HEADER = _META + "unencrypted-content-md5"
-DATA_SIZE_HEADER = _META + "data-size"
-PART_SIZE_HEADER = _META + "part-size"
-_DEPRECATED_KEY_HEADER = "x-oss-meta-oss-crypto-key"  # oss2's first format, IV stored as a decimal counter
+METADATA_PREFIX = "x-oss-meta-client-side-encryption-"
+KEY_HEADER = METADATA_PREFIX + "key"
+START_HEADER = METADATA_PREFIX + "start"
+CEK_ALG_HEADER = METADATA_PREFIX + "cek-alg"
+WRAP_ALG_HEADER = METADATA_PREFIX + "wrap-alg"
+MATDESC_HEADER = METADATA_PREFIX + "matdesc"
+UNENCRYPTED_LENGTH_HEADER = METADATA_PREFIX + "unencrypted-content-length"
+UNENCRYPTED_MD5_HEADER = METADATA_PREFIX + "unencrypted-content-md5"
+DATA_SIZE_HEADER = METADATA_PREFIX + "data-size"
+PART_SIZE_HEADER = METADATA_PREFIX + "part-size"
+DEPRECATED_KEY_HEADER = "x-oss-meta-oss-crypto-key"  # oss2's first format, IV stored as a decimal counter
 CEK_ALGORITHM = "AES/CTR/NoPadding"
 
 
@@ -207,8 +207,8 @@ def parse_metadata(headers: Mapping[str, str], master_keys: Sequence[MasterKey])
     if not 0 < len(master_keys) <= MAX_MASTER_KEYS:
         raise ValueError(f"give between 1 and {MAX_MASTER_KEYS} master keys")
     fields = {name.lower(): value for name, value in headers.items()}
-    if not any(name.startswith(_META) for name in fields):
-        if _DEPRECATED_KEY_HEADER in fields:
+    if not any(name.startswith(METADATA_PREFIX) for name in fields):
+        if DEPRECATED_KEY_HEADER in fields:
             raise UnsupportedEnvelope("the object is in oss2's first client-side format (x-oss-meta-oss-crypto-*), "
                                       "which keycourier does not read")
         raise MissingEnvelope("the object has no client-side encryption metadata")
@@ -233,11 +233,10 @@ def parse_metadata(headers: Mapping[str, str], master_keys: Sequence[MasterKey])
         raise MalformedEnvelope("the wrapped data key or IV is not as long as any master key's modulus: "
                                 "damaged or tampered metadata")
     for master in fitting:
-        data_key = master.unwrap_secret(wrapped_key, wrap)
-        if data_key is None or len(data_key) != DATA_KEY_BYTES:
-            continue
-        iv = master.unwrap_secret(wrapped_iv, wrap)
-        if iv is not None and len(iv) == IV_BYTES:
+        # Both are unwrapped whatever the first gives: a failure takes as long whichever of them failed, so the
+        # time of an answer tells nothing of which padding checked out (no Bleichenbacher oracle).
+        data_key, iv = master.unwrap_secret(wrapped_key, wrap), master.unwrap_secret(wrapped_iv, wrap)
+        if data_key is not None and iv is not None and (len(data_key), len(iv)) == (DATA_KEY_BYTES, IV_BYTES):
             return ContentMaterial(data_key, iv, wrapped_key, wrapped_iv, wrap, matdesc, master.name)
     names = ", ".join(repr(key.name) for key in fitting)
     raise WrongKey(f"no master key ({names}) unwraps the object's data key and IV: another master key "

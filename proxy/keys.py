@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from keycourier import metrics
+from keycourier.envelope import MasterKey
 from keycourier.policy import Policy, SecretSpec, VaultSecretRef
 from keycourier.vault import Vault, VaultError
 
@@ -40,7 +42,8 @@ class KeyUnavailable(Exception):
 class Key:
     name: str
     version: str
-    material: bytes = field(repr=False)
+    material: bytes = field(repr=False)  # an RSA key's: its public half (DER), which names it and is no secret
+    master: MasterKey | None = field(default=None, repr=False, compare=False)  # an RSA key pair (type: rsa)
     created: datetime | None = None  # when this version was written (Vault), or its file last changed
 
     @property
@@ -73,6 +76,19 @@ def decode_key(name: str, text: str) -> bytes:
     if len(material) != KEY_BYTES:
         raise KeyUnavailable(f"key {name!r} decodes to {len(material)} bytes, not {KEY_BYTES}")
     return material
+
+
+def decode_secret(spec: SecretSpec, version: str, text: str, created: datetime | None = None) -> Key:
+    """A key as its source holds it: base64 of 32 bytes, or (type: rsa) a PEM private key."""
+    if spec.key_type != "rsa":
+        return Key(spec.name, version, decode_key(spec.name, text), created=created)
+    try:
+        master = MasterKey.from_pem(spec.name, text.encode())
+    except ValueError as exc:
+        raise KeyUnavailable(str(exc)) from None  # names the key, never shows it
+    public = master.private_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Key(spec.name, version, public, master, created)
 
 
 def generate_key_file(path: Path) -> None:
@@ -266,14 +282,14 @@ class Secrets:
         return (write, *(key for key in (latest, *older) if key.version != write.version))
 
     def _file_key(self, spec: SecretSpec, path: Path, version: str) -> Key:
-        material = decode_key(spec.name, read_private_file(path, f"key {spec.name!r}"))
-        return Key(spec.name, version, material, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
+        return decode_secret(spec, version, read_private_file(path, f"key {spec.name!r}"),
+                             datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
 
     def _vault_key(self, policy: Policy, spec: SecretSpec, ref: VaultSecretRef) -> Key:
         fields, version, created = self._read_vault(policy, ref, f"key {spec.name!r}")
         if ref.field not in fields:
             raise KeyUnavailable(f"key {spec.name!r}: Vault secret {ref.api_path} has no field {ref.field!r}")
-        return Key(spec.name, f"v{version}", decode_key(spec.name, str(fields[ref.field])), created)
+        return decode_secret(spec, f"v{version}", str(fields[ref.field]), created)
 
     def forget_key(self, policy: Policy, name: str) -> None:
         """Drops a key's cached versions: a provider said an object is under a version keycourier does not

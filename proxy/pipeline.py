@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from types import ModuleType
 from typing import NamedTuple
 
+from keycourier import envelope_flow
 from keycourier.destination import Destination, EndpointAddresses, Interception, intercept
 from keycourier.dialects import OTHER_OPERATION, PROVIDERS, BadRequest, Encryption, ObjectRef, Operation
 from keycourier.keys import Key, KeyUnavailable, Secrets
@@ -77,6 +78,7 @@ class Forward:
     attempts: tuple[Attempt, ...] = ()
     written: KeyChoice | None = None  # what a write gives its object, remembered once it succeeds
     read: ReadCheck | None = None  # for requests with an existing object's key: how to read the answer
+    envelope: envelope_flow.Exchange | None = None  # under an envelope rule: what becomes of the answer
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
         audit = replace(audit, rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(request, rule)
+        envelope = plan_envelope(request, operation, rule, source_rule, policy, secrets)
         plan = plan_encryption(dialect, request, operation, rule, source_rule)
         check_tls(request, client_tls=client_tls, client_sends_key=any(client_keys.values()),
                   injects_key=bool(plan.key or plan.source_key))
@@ -120,7 +123,12 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
         if encryption.key:
             key = encryption.key
             audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
+        if envelope and envelope.key:
+            audit = replace(audit, key=envelope.key.name, key_version=envelope.key.version,
+                            key_fingerprint=envelope.key.sha256_b64)
         translated, encryption, respond_as = translate_dialect(request, client_keys, dialect, operation, encryption, policy)
+        if envelope:
+            translated = translated.with_header_map(envelope.headers)
         if respond_as:
             audit = replace(audit, translation=f"{respond_as.dialect}->{dialect.PROVIDER}")
 
@@ -136,8 +144,10 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
             for variant, choice in plan_fallback(request, dialect, keyed, encryption, policy, secrets, versions))
         written = (KeyChoice(operation.target, encryption.key.name, encryption.key.version)
                    if encryption.key and operation.name in dialect.WRITE_OPERATIONS else None)
+        if envelope and envelope.body:
+            body = envelope.body  # OSS signs no body (signers.oss.body_resigner): nothing else transforms it
         return Forward(attempts[0].request if attempts else signed, body, SECRET_HEADERS, audit, respond_as,
-                       attempts, written, read_check(keyed))
+                       attempts, written, read_check(keyed), envelope)
     except Refused as refused:
         content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
         return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
@@ -242,6 +252,8 @@ def plan_encryption(dialect: ModuleType, request: Request, operation: Operation,
         what = operation.name if request.method in STORAGE_METHODS else f"{request.method[:20]!r}"
         raise Refused(403, "AccessDenied", f"{rule.name} encrypts this bucket, and keycourier cannot add encryption to a {what} request ({operation.provider})", "unencryptable")
     if not dialect.CUSTOMER_KEYS:
+        if encrypting and rule.envelope:
+            return EncryptionPlan()  # keycourier encrypts the data itself: plan_envelope
         if encrypting and operation.accepts_encryption and not rule.oss_sse:
             # Fail closed: an encrypt rule that cannot say how must not let plaintext through.
             raise Refused(403, "AccessDenied", f"{rule.name} encrypts but gives no oss_sse for this OSS bucket", "deny")
@@ -250,6 +262,14 @@ def plan_encryption(dialect: ModuleType, request: Request, operation: Operation,
     return EncryptionPlan(
         key=rule.key if encrypting and operation.accepts_encryption else None,
         source_key=source_rule.key if source_encrypted and operation.name in dialect.SOURCE_KEY_OPERATIONS else None)
+
+
+def plan_envelope(request: Request, operation: Operation, rule: Rule, source_rule: Rule | None, policy: Policy,
+                  secrets: Secrets) -> envelope_flow.Exchange | None:
+    """Envelope rules (OSS client-side encryption): what keycourier makes of the request and of its answer."""
+    return envelope_flow.plan(request, operation, rule, source_rule,
+                              write_key=lambda: get_key(policy, secrets, rule.key),
+                              read_keys=lambda: get_read_keys(policy, secrets, rule.key))
 
 
 class KeyedObject(NamedTuple):

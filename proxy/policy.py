@@ -13,6 +13,9 @@ from keycourier.dialects import PROVIDERS
 from keycourier.hostnames import canonical_host
 
 ACTIONS = ("encrypt", "passthrough", "deny")
+KEY_TYPES = ("aes256", "rsa")  # rsa: a PEM private key, the master key pair of envelope encryption
+ENVELOPES = ("oss-cse",)  # oss2 CryptoBucket's client-side encryption (docs/oss.md)
+WRAPS = ("pkcs1v15", "oaep-sha1")
 ACTIONS_BY_STRICTNESS = ("passthrough", "encrypt", "deny")
 PLAINTEXT_READS = ("deny", "allow")
 DEFAULT_KEY_CACHE_TTL = 300.0
@@ -54,6 +57,7 @@ class SecretSpec:
     file: Path | None = None
     previous_files: tuple[Path, ...] = ()  # a file key's older keys, newest first: reads still accept them
     declared_id: str | None = None  # a credential's access key id (Azure: account name), given in the policy
+    key_type: str = "aes256"  # a key's: one of KEY_TYPES
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Endpoint:
 
 
 OSS_SSE = ("AES256", "SM4", "KMS")
+ENVELOPE_FIELDS = ("envelope", "wrap", "matdesc")
 # A credential may say whose it is, so a request loads only the credential it is signed with.
 CREDENTIAL_IDS = ("access_key_id", "account_name")
 
@@ -111,6 +116,9 @@ class Rule:
     kms_key_id: str | None = None
     plaintext_reads: Literal["deny", "allow"] = "deny"  # objects stored before the bucket was encrypted
     given_name: str | None = None  # the rule's `name:`
+    envelope: str | None = None  # encrypted by keycourier itself, in this format, under the RSA key `key`
+    wrap: str = "pkcs1v15"  # envelope: how the master key wraps each object's data key
+    matdesc: tuple[tuple[str, str], ...] = ()  # envelope: the material description written with each object
 
     @property
     def name(self) -> str:
@@ -431,8 +439,12 @@ class _PolicyReader:
         return value
 
     def key(self, name: str, value: Any, line: int) -> SecretSpec:
-        spec, entry = self.secret_source("key", name, value, line, entry_fields={"previous_files"},
+        spec, entry = self.secret_source("key", name, value, line, entry_fields={"previous_files", "type"},
                                          vault_fields={"field", "version", "min_version"})
+        key_type = entry.get("type", "aes256")
+        if key_type not in KEY_TYPES:
+            raise _NodeError(entry.lines["type"], f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+        spec = replace(spec, key_type=key_type)
         if "previous_files" not in entry:
             return spec
         if spec.vault:
@@ -468,7 +480,7 @@ class _PolicyReader:
 
     def rule(self, value: Any, line: int, keys: dict[str, SecretSpec]) -> Rule:
         entry = self.mapping(value, "rule", line, required={"match", "action"},
-                             optional={"name", "key", "oss_sse", "kms_key_id", "plaintext_reads"})
+                             optional={"name", "key", "oss_sse", "kms_key_id", "plaintext_reads", *ENVELOPE_FIELDS})
         match = self.mapping(entry["match"], "rule match", entry.lines["match"], required={"provider"},
                              optional={"bucket", "prefix", "account"})
         provider = self.provider(match, allow_any=True)
@@ -479,7 +491,7 @@ class _PolicyReader:
         if action == "encrypt":
             self.encryption(entry, provider, keys)
         else:
-            for name in ("key", "oss_sse", "kms_key_id", "plaintext_reads"):
+            for name in ("key", "oss_sse", "kms_key_id", "plaintext_reads", *ENVELOPE_FIELDS):
                 if name in entry:
                     raise _NodeError(entry.lines[name], f"a {action} rule takes no {name}")
         if "account" in match and provider not in ("azure", "*"):
@@ -500,6 +512,7 @@ class _PolicyReader:
             kms_key_id=kms_key_id,
             plaintext_reads=self.plaintext_reads(entry),
             given_name=given_name,
+            **self.envelope(entry),
         )
 
     def plaintext_reads(self, entry: _Mapping) -> str:
@@ -521,13 +534,17 @@ class _PolicyReader:
         return name
 
     def encryption(self, entry: _Mapping, provider: str, keys: dict[str, SecretSpec]) -> None:
-        """An encrypt rule names a key (S3, Azure), an OSS algorithm (OSS), or both (any provider)."""
+        """An encrypt rule names a key (S3, Azure), an OSS algorithm (OSS), or both (any provider); an envelope
+        rule names an RSA key."""
+        if "envelope" in entry:
+            return self.envelope_encryption(entry, provider, keys)
+        for name in ENVELOPE_FIELDS:
+            if name in entry:
+                raise _NodeError(entry.lines[name], f"{name} goes with envelope: {ENVELOPES[0]}")
         if provider != "oss":
-            if "key" not in entry:
-                raise _NodeError(entry.line, "an encrypt rule needs a key")
-            if entry["key"] not in keys and entry["key"] not in self.broken_keys:
-                known = ", ".join(sorted(keys)) or "none defined"
-                raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
+            spec = self.named_key(entry, keys, "an encrypt rule needs a key")
+            if spec is not None and spec.key_type == "rsa":
+                raise _NodeError(entry.lines["key"], f"key {entry['key']!r} is an RSA key pair: only envelope rules take it")
         if provider == "oss" and "key" in entry:
             raise _NodeError(entry.lines["key"], "OSS takes no customer key: give oss_sse (AES256, SM4 or KMS)")
         if provider in ("oss", "*") and ("oss_sse" in entry or provider == "oss"):
@@ -537,6 +554,42 @@ class _PolicyReader:
             raise _NodeError(entry.lines["oss_sse"], "oss_sse applies to oss rules only")
         if "kms_key_id" in entry and entry.get("oss_sse") != "KMS":
             raise _NodeError(entry.lines["kms_key_id"], "kms_key_id goes with oss_sse: KMS")
+
+    def envelope_encryption(self, entry: _Mapping, provider: str, keys: dict[str, SecretSpec]) -> None:
+        """Envelope encryption (OSS client-side encryption): an RSA master key, how it wraps, and a description."""
+        if entry["envelope"] not in ENVELOPES:
+            raise _NodeError(entry.lines["envelope"], f"envelope must be one of {', '.join(ENVELOPES)}")
+        if provider != "oss":
+            raise _NodeError(entry.lines["envelope"], f"envelope: {entry['envelope']} is OSS client-side encryption: "
+                                                      "the rule must match provider: oss")
+        for name in ("oss_sse", "kms_key_id"):
+            if name in entry:
+                raise _NodeError(entry.lines[name], f"an envelope rule takes no {name}: keycourier encrypts the data itself")
+        spec = self.named_key(entry, keys, "an envelope rule needs a key: an RSA key pair (type: rsa)")
+        if spec is not None and spec.key_type != "rsa":
+            raise _NodeError(entry.lines["key"], f"key {entry['key']!r} must be an RSA key pair (type: rsa) for envelope encryption")
+        if entry.get("wrap", WRAPS[0]) not in WRAPS:
+            raise _NodeError(entry.lines["wrap"], f"wrap must be one of {', '.join(WRAPS)}")
+        matdesc = entry.get("matdesc", {})
+        if not isinstance(matdesc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in matdesc.items()):
+            raise _NodeError(entry.lines["matdesc"], "matdesc must map names to strings")
+
+    def named_key(self, entry: _Mapping, keys: dict[str, SecretSpec], needed: str) -> SecretSpec | None:
+        """The key a rule names; None for a key whose own entry was refused already (one error is enough)."""
+        if "key" not in entry:
+            raise _NodeError(entry.line, needed)
+        if entry["key"] in self.broken_keys:
+            return None
+        if not isinstance(entry["key"], str) or entry["key"] not in keys:
+            known = ", ".join(sorted(keys)) or "none defined"
+            raise _NodeError(entry.lines["key"], f"unknown key name {entry['key']!r} (keys: {known})")
+        return keys[entry["key"]]
+
+    def envelope(self, entry: _Mapping) -> dict[str, Any]:
+        if "envelope" not in entry:
+            return {}
+        return {"envelope": entry["envelope"], "wrap": entry.get("wrap", WRAPS[0]),
+                "matdesc": tuple(entry.get("matdesc", {}).items())}
 
     def provider(self, entry: _Mapping, *, allow_any: bool) -> str:
         provider = entry["provider"]

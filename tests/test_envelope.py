@@ -289,6 +289,17 @@ def test_a_wrong_master_key_is_named_and_no_key_material_is_shown(master, second
     assert "data_key" not in repr(material) and "private_key" not in repr(master)
 
 
+def test_both_parts_are_unwrapped_whichever_fails_so_the_time_tells_nothing(master, second_key, monkeypatch):
+    _, metadata = encrypt(master)
+    unwrapped = []
+    unwrap = MasterKey.unwrap_secret
+    monkeypatch.setattr(MasterKey, "unwrap_secret",
+                        lambda key, wrapped, wrap: unwrapped.append(wrapped) or unwrap(key, wrapped, wrap))
+    with pytest.raises(WrongKey):
+        envelope.parse_metadata(metadata, [replace(second_key, wrap=master.wrap)])
+    assert len(unwrapped) == 2
+
+
 def test_a_master_key_must_be_an_rsa_private_key():
     with pytest.raises(ValueError, match="not a PEM private key"):
         MasterKey.from_pem("broken", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
