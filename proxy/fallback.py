@@ -7,13 +7,12 @@ buffered; tries are bounded by the attempts, and the last answer is the provider
 from __future__ import annotations
 
 import http.client
-import secrets
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
+from keycourier.listener import ParkingListener
 from keycourier.message import Request
 
 TOKEN_HEADER = "x-keycourier-fallback"
@@ -35,34 +34,11 @@ class Parked:
     judge: Judge
 
 
-class FallbackForwarder:
+class FallbackForwarder(ParkingListener[Parked]):
     def __init__(self, tls: ssl.SSLContext):
+        super().__init__(_Handler, "keycourier-fallback")
         self._tls = tls
-        self._parked: dict[str, Parked] = {}
-        self._lock = threading.Lock()
         self._idle: dict[tuple[str, int], list[http.client.HTTPSConnection]] = {}  # kept-alive upstream connections
-        handler = type("Handler", (_Handler,), {"forwarder": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="keycourier-fallback", daemon=True).start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.server_address[:2]
-
-    def park(self, parked: Parked) -> str:
-        token = secrets.token_hex(16)
-        with self._lock:
-            self._parked[token] = parked
-        return token
-
-    def take(self, token: str | None) -> Parked | None:
-        with self._lock:
-            return self._parked.pop(token or "", None)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def send(self, request: Request) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
         """The request on a kept-alive connection to its upstream if one is idle (once more on a new one if that
@@ -108,17 +84,17 @@ def next_attempt(parked: Parked, tried: int, outcome: str) -> int | None:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
-    forwarder: FallbackForwarder
+    listener: FallbackForwarder
 
     def _serve(self):
-        parked = self.forwarder.take(self.headers.get(TOKEN_HEADER))
+        parked = self.listener.take(self.headers.get(TOKEN_HEADER))
         if parked is None:
             self._answer(400, [("content-type", "text/plain")], b"unknown fallback token\n")
             return
         tried = 0
         while True:
             try:
-                connection, response = self.forwarder.send(parked.requests[tried])
+                connection, response = self.listener.send(parked.requests[tried])
             except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
                 self._answer(502, [("content-type", "text/plain"), ("x-keycourier-error", "the provider could not be "
                                    f"reached: {type(exc).__name__}")], b"")
@@ -130,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._relay(response, tried, start)
             else:
                 response.read()  # the rest of an error document: the connection serves the next try
-            self.forwarder.done_with(connection, response)
+            self.listener.done_with(connection, response)
             if following is None:
                 return
             tried = following

@@ -5,7 +5,6 @@ nothing is deleted. Resumable with --state; --dry-run changes nothing. Keys neve
 in the output or in the report (object names do: they are the user's own data, in the user's own file)."""
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import http.client
 import json

@@ -4,10 +4,10 @@ sent, stripped of every header but its framing, to this local listener: it reads
 throws it away, and answers with the refusal. Memory stays flat and nothing reaches the upstream."""
 from __future__ import annotations
 
-import secrets
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from keycourier.listener import ParkingListener
 
 TOKEN_HEADER = "x-keycourier-refusal"
 PIECE = 64 * 1024
@@ -20,33 +20,12 @@ class Answer:
     body: bytes
 
 
-class RefusalSink:
+UNKNOWN = Answer(400, {"content-type": "text/plain"}, b"unknown refusal\n")
+
+
+class RefusalSink(ParkingListener[Answer]):
     def __init__(self):
-        self._answers: dict[str, Answer] = {}
-        self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"sink": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="keycourier-refusals", daemon=True).start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.server_address[:2]
-
-    def park(self, answer: Answer) -> str:
-        """Keeps `answer` for the request that will bring back the returned token."""
-        token = secrets.token_hex(16)
-        with self._lock:
-            self._answers[token] = answer
-        return token
-
-    def take(self, token: str | None) -> Answer:
-        with self._lock:
-            return self._answers.pop(token or "", Answer(400, {"content-type": "text/plain"}, b"unknown refusal\n"))
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_Handler, "keycourier-refusals")
 
 
 def framing_headers(headers) -> list[tuple[str, str]]:
@@ -59,11 +38,11 @@ def framing_headers(headers) -> list[tuple[str, str]]:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
-    sink: RefusalSink
+    listener: RefusalSink
 
     def do_PUT(self):
         self._discard_body()
-        answer = self.sink.take(self.headers.get(TOKEN_HEADER))
+        answer = self.listener.take(self.headers.get(TOKEN_HEADER)) or UNKNOWN
         self.send_response(answer.status)
         for name, value in answer.headers.items():
             self.send_header(name, value)
