@@ -236,7 +236,7 @@ def start_configurations(cleanup: ExitStack, work: Path, ca: trustme.CA, s3: S3U
     keycouriers = {}
     runs = [("passthrough", "passthrough", 1), ("encrypt", "encrypt, key: bench", 1)]
     if workers > 1:
-        runs.append((f"encrypt x{workers}", "encrypt, key: bench", workers))
+        runs.append((f"encrypt-x{workers}", "encrypt, key: bench", workers))
     for name, action, count in runs:
         (work / name).mkdir()
         rules = [f"{{match: {{provider: s3, bucket: bench}}, action: {action}}}"]
