@@ -301,7 +301,8 @@ class KeyCourier:
         self._learn_key_version(flow, decision)
         sent = [decision.request, *(attempt.request for attempt in decision.attempts)]
         scrubber = KeyScrubber([key for request in sent for key in keys_in(request.headers, pipeline.SECRET_HEADERS)])
-        headers = redact_headers(tuple(flow.response.headers.items(multi=True)), pipeline.SECRET_HEADERS)
+        received = list(flow.response.headers.items(multi=True))
+        headers = redact_headers(received, pipeline.SECRET_HEADERS)
         headers += self._read_failure(flow, decision)
         if decision.respond_as:
             headers = translate_response(headers, decision.audit.provider, decision.respond_as)
@@ -317,7 +318,8 @@ class KeyCourier:
             if not pipeline.is_object_data(decision.audit, flow.response.status_code):
                 encoding = flow.response.headers.get("content-encoding", "identity").lower()
                 body = scrubber.stream() if encoding == "identity" else _withheld(headers, flow.response.status_code)
-        flow.response.headers = http.Headers(_encode(headers))
+        if headers != received:  # most answers need no change: rebuilding mitmproxy's headers costs per request
+            flow.response.headers = http.Headers(_encode(headers))
         flow.response.stream = metrics.counting(decision.audit.provider, "download", body)
         if flow.response.status_code >= 400:
             flow.response.stream = _keeping_start(flow.response.stream, self._error_starts.setdefault(flow, bytearray()))

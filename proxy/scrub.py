@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable, Iterable
 from urllib.parse import quote
 
 REDACTED = "[redacted by keycourier]"
 
 
-def key_spellings(material: bytes) -> set[bytes]:
+@functools.lru_cache(maxsize=256)  # a handful of keys, scrubbed for every answer
+def key_spellings(material: bytes) -> frozenset[bytes]:
     """The raw key and the ways a server may write it: base64 (padded or not, URL-safe, JSON-escaped,
     percent-encoded in either case) and hex."""
     b64 = base64.b64encode(material).decode().rstrip("=")
     url_quoted = quote(b64, safe="")
     spellings = {b64, base64.urlsafe_b64encode(material).decode().rstrip("="), b64.replace("/", "\\/"),
                  url_quoted, _lower_percent_escapes(url_quoted), material.hex(), material.hex().upper()}
-    return {spelling.encode() for spelling in spellings} | {material}
+    return frozenset({spelling.encode() for spelling in spellings} | {material})
 
 
 def _lower_percent_escapes(text: str) -> str:
