@@ -202,6 +202,8 @@ class KeyCourier:
         """Before any connection to a host the policy does not name: closed if the name reaches an
         endpoint's address. A plain-HTTP request's connection goes to the address checked (no second
         resolution an attacker's DNS could answer differently); a tunnel's is checked once connected."""
+        tunnel = data.server.id in self._tunnel_servers
+        self._tunnel_servers.discard(data.server.id)
         host, port = data.server.address
         destination = Destination.of(host, port)
         if self.intercept(destination).endpoint is not None:
@@ -217,9 +219,7 @@ class KeyCourier:
                 metrics.CONNECTIONS_CLOSED.labels("unnamed_endpoint_address").inc()
                 data.server.error = f"keycourier: {interception.refusal}"
                 return
-        if data.server.id in self._tunnel_servers:
-            self._tunnel_servers.discard(data.server.id)
-        else:
+        if not tunnel:
             data.server.address = (addresses[0], port)
 
     # --- requests -----------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class KeyCourier:
             audit = replace(audit, key_version=served.version or "none", key_fingerprint=served.fingerprint)
         end = flow.response.timestamp_start if flow.response else (flow.error.timestamp if flow.error else flow.request.timestamp_start)
         record = audit_record(
-            plain_request(flow.request, flow.request.host), audit, client=f"{flow.client_conn.peername[0]}",
+            flow.request.method, audit, client=f"{flow.client_conn.peername[0]}",
             status=flow.response.status_code if flow.response else None,
             seconds=max(0.0, end - flow.request.timestamp_start),
             message=refusal.message if refusal else (flow.error.msg if flow.error else None))
@@ -512,6 +512,8 @@ def apply_request(request: http.Request, plain: Request, *, changed: bool) -> No
 
 
 def _redacted(headers: http.Headers, secret_names) -> http.Headers:
+    if not any(name in headers for name in secret_names):
+        return headers  # the usual case: nothing to rebuild
     return http.Headers(_encode(redact_headers(tuple(headers.items(multi=True)), secret_names)))
 
 

@@ -5,19 +5,18 @@ import json
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-from keycourier.message import Request
 from keycourier.pipeline import Audit
 from keycourier.response import header_safe
 
 FORMATS = ("text", "json")
 
 
-def audit_record(request: Request, audit: Audit, *, client: str, status: int | None, seconds: float,
+def audit_record(method: str, audit: Audit, *, client: str, status: int | None, seconds: float,
                  message: str | None = None) -> dict:
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "client": client,
-        "method": request.method,
+        "method": method,
         **asdict(audit),
         "status": status,
         "latency_ms": round(seconds * 1000, 1),

@@ -10,9 +10,7 @@ import http.client
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
-
-from keycourier.listener import ParkingListener
+from keycourier.listener import ListenerHandler, ParkingListener
 from keycourier.message import Request
 
 TOKEN_HEADER = "x-keycourier-fallback"
@@ -81,23 +79,21 @@ def next_attempt(parked: Parked, tried: int, outcome: str) -> int | None:
     return None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
+class _Handler(ListenerHandler):
     listener: FallbackForwarder
 
     def _serve(self):
         parked = self.listener.take(self.headers.get(TOKEN_HEADER))
         if parked is None:
-            self._answer(400, [("content-type", "text/plain")], b"unknown fallback token\n")
+            self.answer(400, [("content-type", "text/plain")], b"unknown fallback token\n")
             return
         tried = 0
         while True:
             try:
                 connection, response = self.listener.send(parked.requests[tried])
             except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
-                self._answer(502, [("content-type", "text/plain"), ("x-keycourier-error", "the provider could not be "
-                                   f"reached: {type(exc).__name__}")], b"")
+                self.answer(502, [("content-type", "text/plain"), ("x-keycourier-error", "the provider could not be "
+                                  f"reached: {type(exc).__name__}")], b"")
                 return
             headers = {name.lower(): value for name, value in response.getheaders()}
             start = response.read(ERROR_START_BYTES) if response.status >= 400 and self.command != "HEAD" else b""
@@ -140,14 +136,3 @@ class _Handler(BaseHTTPRequestHandler):
                 break
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
-
-    def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes):
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass  # request lines name objects

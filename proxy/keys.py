@@ -271,7 +271,9 @@ class Secrets:
         write = self._load_key(policy, spec)
         if spec.file:
             return (write, *(self._file_key(spec, path, f"previous-{n}") for n, path in enumerate(spec.previous_files, 1)))
-        latest = self._vault_key(policy, spec, replace(spec.vault, version=None))
+        # A key pinned to a version writes with it; the versions to read go back from the latest.
+        pinned = spec.vault.version is not None
+        latest = self._vault_key(policy, spec, replace(spec.vault, version=None)) if pinned else write
         older = []
         for version in range(int(latest.version[1:]) - 1, (spec.vault.min_version or 1) - 1, -1):
             try:

@@ -6,13 +6,32 @@ from __future__ import annotations
 import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+class ListenerHandler(BaseHTTPRequestHandler):
+    """What both listeners' request handlers share: keep-alive, no Nagle, no request log."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
+
+    def answer(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass  # request lines name objects
+
+
 class ParkingListener(Generic[T]):
-    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str):
+    def __init__(self, handler: type[ListenerHandler], name: str):
         self._parked: dict[str, T] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (handler,), {"listener": self}))

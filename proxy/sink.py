@@ -5,9 +5,7 @@ throws it away, and answers with the refusal. Memory stays flat and nothing reac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
-
-from keycourier.listener import ParkingListener
+from keycourier.listener import ListenerHandler, ParkingListener
 
 TOKEN_HEADER = "x-keycourier-refusal"
 PIECE = 64 * 1024
@@ -35,20 +33,13 @@ def framing_headers(headers) -> list[tuple[str, str]]:
             if name.lower() in ("content-length", "transfer-encoding", "expect")]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are separate writes: no wait for a delayed ACK
+class _Handler(ListenerHandler):
     listener: RefusalSink
 
     def do_PUT(self):
         self._discard_body()
-        answer = self.listener.take(self.headers.get(TOKEN_HEADER)) or UNKNOWN
-        self.send_response(answer.status)
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.send_header("content-length", str(len(answer.body)))
-        self.end_headers()
-        self.wfile.write(answer.body)
+        refusal = self.listener.take(self.headers.get(TOKEN_HEADER)) or UNKNOWN
+        self.answer(refusal.status, refusal.headers.items(), refusal.body)
 
     do_POST = do_PATCH = do_DELETE = do_GET = do_PUT
 
@@ -67,6 +58,3 @@ class _Handler(BaseHTTPRequestHandler):
             if not read:
                 return
             remaining -= read
-
-    def log_message(self, *args):
-        pass

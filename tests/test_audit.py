@@ -10,7 +10,7 @@ AUDIT = Audit(provider="s3", bucket="payroll-eu", operation="PutObject", rule="r
 
 
 def test_json_line_has_every_field_the_operators_need():
-    record = json.loads(format_record(audit_record(REQUEST, AUDIT, client="10.0.0.7", status=200, seconds=0.0123), "json"))
+    record = json.loads(format_record(audit_record(REQUEST.method, AUDIT, client="10.0.0.7", status=200, seconds=0.0123), "json"))
     assert {k: record[k] for k in ("client", "provider", "bucket", "operation", "rule", "action", "key", "key_version",
                                    "key_fingerprint", "outcome", "status", "latency_ms")} == {
         "client": "10.0.0.7", "provider": "s3", "bucket": "payroll-eu", "operation": "PutObject", "rule": "rule14",
@@ -21,5 +21,5 @@ def test_json_line_has_every_field_the_operators_need():
 
 def test_text_line_cannot_be_split_by_client_input():
     evil = Audit(provider="s3", bucket="b\nFAKE keycourier line", operation="PutObject", outcome="refused", reason="no_rule")
-    line = format_record(audit_record(REQUEST, evil, client="10.0.0.7", status=403, seconds=0.001, message="no rule"), "text")
+    line = format_record(audit_record(REQUEST.method, evil, client="10.0.0.7", status=403, seconds=0.001, message="no rule"), "text")
     assert "\n" not in line and "reason=no_rule status=403" in line and line.endswith(": no rule")
