@@ -4,7 +4,6 @@ keycourier's own account. docs/security.md lists the classes of attack these cas
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import os
 import socket
@@ -17,6 +16,7 @@ import pytest
 
 from keycourier.scrub import key_spellings
 from tests.conftest import Keycourier
+from tests.digests import md5_b64
 from tests.test_pipeline import signed
 from tests.upstreams.s3 import S3Upstream
 from tests.upstreams.vault import VaultServer
@@ -25,10 +25,6 @@ ACCESS_KEY, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 FILE_KEY, VAULT_KEY = os.urandom(32), os.urandom(32)
 BUCKETS = ("enc-a", "deny-a", "public-a", "vault-a", "absent-a", "slow-a")
 SLOW_VAULT_SECONDS = 1.5
-
-
-def md5_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.md5(key).digest()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,13 @@ from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobBlock, BlobClient, BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from tests.conftest import Keycourier
+from tests.digests import sha256_b64
 from tests.upstreams.azure import AzureBlobUpstream
 from tests.upstreams.vault import VaultServer
 
 ACCOUNT = "legacyacct"
 ACCOUNT_KEY = base64.b64encode(b"keycourier-e2e-azure-account-key-0000000000000000000000").decode()
 KEYS = {name: os.urandom(32) for name in ("payroll", "archive")}
-
-
-def sha256_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(key).digest()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import os
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -18,6 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import Keycourier
+from tests.digests import md5_b64
 from tests.upstreams.azure import AzureBlobUpstream
 from tests.upstreams.s3 import S3Upstream
 from tests.upstreams.vault import VaultServer
@@ -26,14 +27,6 @@ ACCESS_KEY, SECRET = "AKIAROTATIONTEST0001", "rotation/secret/access/key/for/tes
 ACCOUNT = "rotacct"
 ACCOUNT_KEY = base64.b64encode(b"keycourier-e2e-rotation-account-key-00000000000000000").decode()
 V1, V2, STRANGER = os.urandom(32), os.urandom(32), os.urandom(32)
-
-
-def md5_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.md5(key).digest()).decode()
-
-
-def sha256_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(key).digest()).decode()
 
 
 def sse_c(key: bytes, prefix: str = "SSECustomer") -> dict:
@@ -62,15 +55,18 @@ def vault(ca):
         yield server
 
 
-@pytest.fixture(scope="module")
-def proxy(s3, azure, vault, ca_pem, keycourier_confdir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("rotation")
+def write_secret_files(directory: Path, vault: VaultServer) -> None:
+    """The files the rotation policies name: Vault's token and the S3 and Azure credentials, mode 600."""
     for name, text in (("vault-token", vault.root_token),
                        ("s3.yaml", f"access_key_id: {ACCESS_KEY}\nsecret_access_key: {SECRET}\n"),
                        ("azure.yaml", f"account_name: {ACCOUNT}\naccount_key: {ACCOUNT_KEY}\n")):
-        (workdir / name).write_text(text)
-        (workdir / name).chmod(0o600)
-    running = Keycourier(workdir, keycourier_confdir, f"""
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o600)
+
+
+def rotation_policy(vault: VaultServer, s3: S3Upstream, azure: AzureBlobUpstream, ca_pem: Path, rules: str) -> str:
+    """A policy on key `rot` in Vault, both upstreams and write_secret_files' files, with `rules`."""
+    return f"""
 version: 1
 vault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}", auth: {{method: token, token_file: vault-token}}}}
 key_cache_ttl: 1
@@ -83,11 +79,19 @@ credentials:
   s3: {{file: s3.yaml, access_key_id: {ACCESS_KEY}}}
   azure: {{file: azure.yaml, account_name: {ACCOUNT}}}
 rules:
+{rules}"""
+
+
+@pytest.fixture(scope="module")
+def proxy(s3, azure, vault, ca_pem, keycourier_confdir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rotation")
+    write_secret_files(workdir, vault)
+    running = Keycourier(workdir, keycourier_confdir, rotation_policy(vault, s3, azure, ca_pem, f"""\
   - {{match: {{provider: s3, bucket: "rot-*"}}, action: encrypt, key: rot}}
   - {{match: {{provider: s3, bucket: "adopt-*"}}, action: encrypt, key: rot, plaintext_reads: allow}}
   - {{match: {{provider: s3, bucket: "strict-*"}}, action: encrypt, key: rot}}
   - {{match: {{provider: azure, account: {ACCOUNT}, bucket: rot}}, action: encrypt, key: rot}}
-""", upstream_ca=ca_pem)
+"""), upstream_ca=ca_pem)
     yield running
     running.stop()
 

@@ -21,16 +21,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Keycourier
+from tests.digests import md5_b64
 from tests.upstreams.s3 import S3Upstream
 from tests.upstreams.vault import VaultServer
 
 ACCESS_KEY, SECRET = "AKIAKEYCOURIERTEST1", "kc/SecretAccessKey+ForTheTestsOnly0000001"
 KEYS = {name: os.urandom(32) for name in ("payroll", "archive", "outage")}
 MiB = 1024 * 1024
-
-
-def md5_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.md5(key).digest()).decode()
 
 
 @pytest.fixture(scope="module")

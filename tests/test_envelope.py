@@ -7,7 +7,6 @@ the OSS test upstream (127.0.0.1, no proxy). Published test vectors pin the AES-
 """
 import base64
 import functools
-import hashlib
 import os
 import uuid
 from dataclasses import replace
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keycourier import envelope
 from keycourier.envelope import (MalformedEnvelope, MasterKey, MissingEnvelope, RangeNotSatisfiable, RangePlan,
                                  UnsupportedEnvelope, Wrap, WrongKey)
+from tests.digests import md5_b64
 from tests.test_upstream_oss import ACCESS_KEY, SECRET_KEY, session
 from tests.upstreams.oss import OssUpstream
 
@@ -28,10 +28,6 @@ PLAINTEXT = os.urandom(4099)  # 256 blocks and 3 bytes: the last block is partia
 MATDESC = {"desc-key": "desc-value"}  # the seed's Java example (oss-client-side-encryption.txt)
 SDK_RANGES = [(0, 0), (5, 40), (4000, None), (4090, 4098)]  # CryptoBucket takes no suffix range
 RANGES = ["bytes=0-0", "bytes=5-40", "bytes=4000-", "bytes=-7", "bytes=-4099"]
-
-
-def md5_b64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 @functools.cache

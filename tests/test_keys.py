@@ -81,6 +81,17 @@ def cached(cache, entry, load, **options):
     return blocking(lambda: cache.get(entry, 10, load, **options))
 
 
+def run_together(ask, release: threading.Event, callers: int = 8) -> None:
+    """`callers` threads call `ask` at once; their loads are let go only after all have missed."""
+    threads = [threading.Thread(target=ask) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    release.set()
+    for thread in threads:
+        thread.join()
+
+
 def test_cache_loads_once_for_concurrent_misses_and_again_after_ttl():
     now = [0.0]
     cache = TtlCache(clock=lambda: now[0])
@@ -93,13 +104,7 @@ def test_cache_loads_once_for_concurrent_misses_and_again_after_ttl():
         return "value"
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cached(cache, "k", slow_load))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.1)
-    release.set()
-    for thread in threads:
-        thread.join()
+    run_together(lambda: results.append(cached(cache, "k", slow_load)), release)
     assert results == ["value"] * 8 and len(loads) == 1
     now[0] = 9.9
     cached(cache, "k", slow_load)
@@ -151,13 +156,7 @@ def test_a_failure_is_shared_by_concurrent_misses_and_kept_briefly():
         except KeyUnavailable as exc:
             errors.append(str(exc))
 
-    threads = [threading.Thread(target=ask) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.1)
-    release.set()
-    for thread in threads:
-        thread.join()
+    run_together(ask, release)
     assert len(attempts) == 1 and errors == ["Vault has no secret at secret/data/x"] * 8
     now[0] = 4.9
     with pytest.raises(KeyUnavailable):

@@ -1,6 +1,5 @@
 """The request pipeline on plain requests signed by botocore: no network, no proxy."""
 import base64
-import hashlib
 from datetime import datetime, timezone
 from unittest import mock
 
@@ -16,6 +15,7 @@ from keycourier.message import Request
 from keycourier.pipeline import Forward, Refuse, handle_request
 from keycourier.versions import KeyVersions
 from keycourier.policy import parse_policy
+from tests.digests import md5_b64
 
 ACCESS_KEY, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 PAYROLL_KEY, ARCHIVE_KEY = bytes(range(32)), bytes(range(32, 64))
@@ -71,10 +71,6 @@ def run(policy, request, client_tls=True, server_name=None, address=None, versio
     return blocking(lambda: handle_request(request, client_tls=client_tls, destination=destination, policy=policy,
                                            addresses=NO_ADDRESSES, secrets=secrets, versions=versions or KeyVersions(),
                                            now=NOW))
-
-
-def md5_b64(key):
-    return base64.b64encode(hashlib.md5(key).digest()).decode()
 
 
 def test_put_to_an_encrypt_bucket_gets_the_key_and_is_re_signed(policy):

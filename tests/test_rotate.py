@@ -5,7 +5,6 @@ objects migrated; a multipart copy for large objects."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -22,23 +21,12 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.conftest import REPO, Keycourier
-from tests.upstreams.azure import AzureBlobUpstream
+from tests.digests import md5_b64, sha256_b64
+from tests.test_e2e_rotation import (ACCESS_KEY, ACCOUNT, ACCOUNT_KEY, SECRET, V1, V2, azure,  # noqa: F401
+                                     rotation_policy, vault, write_secret_files)
 from tests.upstreams.s3 import S3Upstream
-from tests.upstreams.vault import VaultServer
 
-ACCESS_KEY, SECRET = "AKIAROTATECOMMAND001", "rotate/command/secret/for/the/tests/0001"
-ACCOUNT = "rotcmd"
-ACCOUNT_KEY = base64.b64encode(b"keycourier-rotate-command-account-key-000000000000000").decode()
-V1, V2 = os.urandom(32), os.urandom(32)
 MiB = 1024 * 1024
-
-
-def md5_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.md5(key).digest()).decode()
-
-
-def sha256_b64(key: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(key).digest()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -50,54 +38,22 @@ def s3(ca):
 
 
 @pytest.fixture(scope="module")
-def azure(ca):
-    with AzureBlobUpstream(ca, {ACCOUNT: ACCOUNT_KEY}) as upstream:
-        upstream.create_container(ACCOUNT, "rot")
-        yield upstream
-
-
-@pytest.fixture(scope="module")
-def vault(ca):
-    with VaultServer(ca) as server:
-        server.kv_put("kc/rot", {"key": base64.b64encode(V1).decode()})
-        yield server
-
-
-@pytest.fixture(scope="module")
 def workdir(vault, s3, azure, ca_pem, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rotate")
-    for name, text in (("vault-token", vault.root_token),
-                       ("s3.yaml", f"access_key_id: {ACCESS_KEY}\nsecret_access_key: {SECRET}\n"),
-                       ("azure.yaml", f"account_name: {ACCOUNT}\naccount_key: {ACCOUNT_KEY}\n")):
-        (workdir / name).write_text(text)
-        (workdir / name).chmod(0o600)
-    (workdir / "policies.yaml").write_text(f"""
-version: 1
-vault: {{addr: "{vault.addr}", ca_cert: "{ca_pem}", auth: {{method: token, token_file: vault-token}}}}
-key_cache_ttl: 1
-endpoints:
-  - {{host: "127.0.0.1:{s3.port}", provider: s3}}
-  - {{host: "127.0.0.1:{azure.port}", provider: azure}}
-keys:
-  rot: {{vault: {{path: secret/data/kc/rot}}}}
-credentials:
-  s3: {{file: s3.yaml, access_key_id: {ACCESS_KEY}}}
-  azure: {{file: azure.yaml, account_name: {ACCOUNT}}}
-rules:
+    write_secret_files(workdir, vault)
+    (workdir / "policies.yaml").write_text(rotation_policy(vault, s3, azure, ca_pem, f"""\
   - {{match: {{provider: s3, bucket: "rot-*"}}, action: encrypt, key: rot, plaintext_reads: allow}}
   - {{match: {{provider: azure, account: {ACCOUNT}, bucket: rot}}, action: encrypt, key: rot}}
-""")
+"""))
     return workdir
 
 
 @pytest.fixture(scope="module")
-def proxy(workdir, keycourier_confdir, ca_pem):
+def proxy(workdir, vault, keycourier_confdir, ca_pem):
     """keycourier for the application, on the same policy (in a folder of its own: it writes its log there)."""
     own = workdir / "proxy"
     own.mkdir()
-    for name in ("vault-token", "s3.yaml", "azure.yaml"):
-        (own / name).write_bytes((workdir / name).read_bytes())
-        (own / name).chmod(0o600)
+    write_secret_files(own, vault)
     running = Keycourier(own, keycourier_confdir, (workdir / "policies.yaml").read_text(), upstream_ca=ca_pem)
     yield running
     running.stop()

@@ -25,6 +25,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tests.digests import md5_b64
 from tests.upstreams.s3 import (
     CHECKSUMS,
     STREAMING_SIGNED,
@@ -46,10 +47,6 @@ MIB = 1024 * 1024
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def md5_b64(data: bytes) -> str:
-    return b64(hashlib.md5(data).digest())
 
 
 def sse_c(key: bytes) -> dict:
