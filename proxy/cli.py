@@ -224,14 +224,13 @@ def _check_port_free(what: str, host: str, port: int) -> None:
 
 
 async def _serve(options: dict, args) -> int:
-    from mitmproxy import addons as mitmproxy_addons
     from mitmproxy import master, optmanager
-    from mitmproxy.addons.next_layer import NextLayer
     from mitmproxy.options import Options
 
     from keycourier import logs
-    from keycourier.addons.drain import Drain, ExitOnStartupError
-    from keycourier.addons.keycourier import EndpointLayers, KeyCourier
+    from keycourier.addons.chain import chain
+    from keycourier.addons.drain import Drain
+    from keycourier.addons.keycourier import KeyCourier
 
     # keycourier's handler prints every library's lines (mitmproxy's terminal log is not loaded);
     # the root logger passes everything at INFO and above to it.
@@ -244,15 +243,9 @@ async def _serve(options: dict, args) -> int:
         _share_the_listening_port(args.worker_of)
     try:
         proxy = master.Master(Options(), event_loop=asyncio.get_running_loop())
-        # keycourier first: it scrubs key headers before any other addon (save) sees a flow. No dumper:
-        # keycourier's audit line replaces it, and unlike mitmproxy's it never prints object names.
         keycourier = KeyCourier()
         drain = Drain(keycourier, args.drain_seconds)
-        proxy.addons.add(keycourier, drain)
-        # keycourier decides the layers of every connection to a known host (never raw for an object store).
-        proxy.addons.add(*(EndpointLayers(keycourier) if isinstance(addon, NextLayer) else addon
-                           for addon in mitmproxy_addons.default_addons()))
-        proxy.addons.add(ExitOnStartupError())
+        proxy.addons.add(*chain(keycourier, drain))
         try:
             proxy.options.update(**options)
         except optmanager.exceptions.OptionsError as exc:

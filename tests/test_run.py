@@ -112,6 +112,22 @@ def test_verbose_brings_back_connection_lines(tmp_path, s3, ca_pem, keycourier_c
     assert "server connect" in proxy.log()
 
 
+def test_mitmproxys_own_apps_are_not_served(tmp_path, s3, ca_pem, keycourier_confdir):
+    """keycourier run loads only the mitmproxy addons it needs (keycourier.addons.chain): mitmproxy's onboarding
+    app, which would answer http://mitm.it/ itself, is not one of them."""
+    proxy = start(tmp_path, s3, ca_pem, keycourier_confdir)
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            raw.sendall(b"GET http://mitm.it/cert/pem HTTP/1.1\r\nHost: mitm.it\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while piece := raw.recv(65536):
+                answer += piece
+    finally:
+        proxy.stop()
+    assert answer.startswith(b"HTTP/1.1 502")  # forwarded as to any host, which does not resolve here
+    assert b"BEGIN CERTIFICATE" not in answer
+
+
 class SlowBody(io.RawIOBase):
     """`size` bytes at about `rate` bytes/s, counting what was read: an upload that lasts seconds."""
 
