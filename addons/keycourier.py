@@ -182,7 +182,7 @@ class KeyCourier:
                     if self.intercept(destination).endpoint is not None:
                         log.warning(f"closing a tunnel to {destination.host}:{destination.port}: "
                                     "a policy change made it an object store")
-                        metrics.CONNECTIONS_CLOSED.labels("became_endpoint").inc()
+                        metrics.child(metrics.CONNECTIONS_CLOSED, "became_endpoint").inc()
                         return False
                     decided = self.generation
                 return True
@@ -216,7 +216,7 @@ class KeyCourier:
             interception = self.intercept(replace(destination, address=address))
             if interception.endpoint is not None:
                 log.warning(f"refused a connection: {interception.refusal}")
-                metrics.CONNECTIONS_CLOSED.labels("unnamed_endpoint_address").inc()
+                metrics.child(metrics.CONNECTIONS_CLOSED, "unnamed_endpoint_address").inc()
                 data.server.error = f"keycourier: {interception.refusal}"
                 return
         if not tunnel:
@@ -331,7 +331,7 @@ class KeyCourier:
         ok = flow.response.status_code < 300
         if served:
             self._served[flow] = served
-            metrics.KEY_VERSION_FALLBACKS.labels(served.key_name, fallback_outcome(served, int(tried), ok)).inc()
+            metrics.child(metrics.KEY_VERSION_FALLBACKS, served.key_name, fallback_outcome(served, int(tried), ok)).inc()
         remembered = served if served and ok else decision.written if ok else None
         if remembered:
             self.versions.remember(remembered)
@@ -357,7 +357,7 @@ class KeyCourier:
         decision = self._decisions.get(flow)
         if not isinstance(decision, pipeline.Forward) or not decision.audit.provider:
             return
-        metrics.UPSTREAM_SECONDS.labels(decision.audit.provider).observe(
+        metrics.child(metrics.UPSTREAM_SECONDS, decision.audit.provider).observe(
             flow.response.timestamp_start - flow.request.timestamp_start)
         if flow.response.status_code >= 400:
             explanation = explain_upstream_error(decision.audit, flow.response.status_code,

@@ -164,7 +164,7 @@ class TtlCache:
             if cached and self.clock() < cached.fresh_until:
                 if cached.error:
                     raise KeyUnavailable(str(cached.error), transient=cached.error.transient)
-                metrics.KEY_CACHE.labels("hit").inc()
+                metrics.child(metrics.KEY_CACHE, "hit").inc()
                 return cached.value
             loading = self._loading.get(entry)
             if loading is None:
@@ -181,7 +181,7 @@ class TtlCache:
         except Exception as exc:  # a bug in a loader must not leave its waiters hanging
             self._store_failure(entry, KeyUnavailable(f"unexpected {type(exc).__name__}"), stale_for, failure_ttl)
         else:
-            metrics.KEY_CACHE.labels("miss").inc()
+            metrics.child(metrics.KEY_CACHE, "miss").inc()
             now = self.clock()
             with self._guard:
                 self._entries[entry] = _Entry(value, None, now + max(ttl, MIN_TTL), now + ttl)
@@ -201,7 +201,7 @@ class TtlCache:
         with self._guard:
             previous = self._entries.get(entry)
             if previous and previous.value is not None and exc.transient and now < previous.expires + stale_for:
-                metrics.KEY_CACHE.labels("stale").inc()
+                metrics.child(metrics.KEY_CACHE, "stale").inc()
                 self._entries[entry] = _Entry(previous.value, None, min(retry_at, previous.expires + stale_for),
                                               previous.expires)
             else:

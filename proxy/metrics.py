@@ -66,23 +66,34 @@ for _counter, _values in ((REFUSALS, REASONS), (VAULT_REQUESTS, VAULT_OUTCOMES),
         _counter.labels(_value)
 
 NONE = "none"
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *values: str):
+    """`metric.labels(*values)`, looked up once: labels() checks its arguments and takes a lock on every call,
+    and a request counts several metrics. Label values are bounded (see above), so this dict is too."""
+    try:
+        return _children[metric, values]
+    except KeyError:
+        found = _children[metric, values] = metric.labels(*values)
+        return found
 
 
 def record_decision(audit) -> None:
     """One intercepted request, from the pipeline's audit record."""
-    REQUESTS.labels(audit.provider, audit.operation or NONE, audit.rule or NONE, audit.action or NONE,
-                    audit.outcome).inc()
+    child(REQUESTS, audit.provider, audit.operation or NONE, audit.rule or NONE, audit.action or NONE,
+          audit.outcome).inc()
     if audit.reason:
-        REFUSALS.labels(audit.reason).inc()
+        child(REFUSALS, audit.reason).inc()
     elif audit.key:
-        KEYS_INJECTED.labels(audit.provider, audit.key).inc()
+        child(KEYS_INJECTED, audit.provider, audit.key).inc()
     if audit.translation and not audit.reason:
-        TRANSLATIONS.labels(*audit.translation.split("->")).inc()
+        child(TRANSLATIONS, *audit.translation.split("->")).inc()
 
 
 def record_policy(rules: int, reload_outcome: str | None) -> None:
     if reload_outcome:
-        POLICY_RELOADS.labels(reload_outcome).inc()
+        child(POLICY_RELOADS, reload_outcome).inc()
     if reload_outcome != "failure":
         POLICY_RULES.set(rules)
         POLICY_LOADED.set_to_current_time()
@@ -90,7 +101,7 @@ def record_policy(rules: int, reload_outcome: str | None) -> None:
 
 def counting(provider: str, direction: str, transform: Callable[[bytes], bytes] | None = None) -> Callable[[bytes], bytes]:
     """A body stream callable that counts the bytes it passes on."""
-    counter = BODY_BYTES.labels(provider, direction)
+    counter = child(BODY_BYTES, provider, direction)
 
     def count(data: bytes) -> bytes:
         out = transform(data) if transform else data

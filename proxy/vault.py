@@ -151,10 +151,10 @@ class Vault:
         except requests.exceptions.RequestException:
             error = VaultError(f"Vault at {self.addr} is unreachable", "unreachable")
         else:
-            metrics.VAULT_REQUESTS.labels("ok").inc()
+            metrics.child(metrics.VAULT_REQUESTS, "ok").inc()
             self.contact.record("ok")
             return result
-        metrics.VAULT_REQUESTS.labels(error.outcome).inc()
+        metrics.child(metrics.VAULT_REQUESTS, error.outcome).inc()
         self.contact.record(error.outcome, str(error))
         raise error
 
