@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import datetime, timezone
 
 from keycourier.pipeline import Audit
 from keycourier.response import header_safe
 
 FORMATS = ("text", "json")
+AUDIT_FIELDS = tuple(field.name for field in fields(Audit))  # dataclasses.asdict would deep-copy each value
 
 
 def audit_record(method: str, audit: Audit, *, client: str, status: int | None, seconds: float,
@@ -17,7 +18,7 @@ def audit_record(method: str, audit: Audit, *, client: str, status: int | None, 
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "client": client,
         "method": method,
-        **asdict(audit),
+        **{name: getattr(audit, name) for name in AUDIT_FIELDS},
         "status": status,
         "latency_ms": round(seconds * 1000, 1),
         **({"message": message} if message else {}),

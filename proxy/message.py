@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from urllib.parse import parse_qsl
 
 
@@ -39,9 +40,21 @@ class Request:
                 return value
         return None
 
+    @cached_property
+    def _values_by_name(self) -> dict[str, list[str]]:
+        """Each header's values by lower-case name, in order: built once, as every step reads headers."""
+        index: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            index.setdefault(name.lower(), []).append(value)
+        return index
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of the header, in order (repeated fields); [] if absent."""
+        return self._values_by_name.get(name.lower(), [])
+
     def header(self, name: str) -> str | None:
         """The header's value, repeated fields joined with ',' as HTTP allows; None if absent."""
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        values = self.header_values(name)
         return ",".join(values) if values else None
 
     def with_headers(self, **changes: str | None) -> Request:

@@ -106,13 +106,13 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
     if endpoint is None:
         return Forward(request, audit=Audit(outcome="not_an_endpoint"))
     dialect = DIALECTS[endpoint.provider]
-    audit = Audit(provider=endpoint.provider)
+    facts = {"provider": endpoint.provider}  # the Audit's fields, known step by step; one Audit made at the end
     try:
         check_form(request, interception)
         operation = classify(request, dialect, endpoint)
-        audit = replace(audit, account=operation.account, bucket=operation.bucket, operation=operation.name)
+        facts.update(account=operation.account, bucket=operation.bucket, operation=operation.name)
         rule, source_rule = match_policy(policy, dialect, operation)
-        audit = replace(audit, rule=rule.name, action=rule.action)
+        facts.update(rule=rule.name, action=rule.action)
         enforce_deny(operation, rule, source_rule)
         client_keys = check_client_keys(request, rule)
         envelope = plan_envelope(request, operation, rule, source_rule, policy, secrets)
@@ -122,15 +122,15 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
         encryption = get_keys(policy, secrets, plan)
         if encryption.key:
             key = encryption.key
-            audit = replace(audit, key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
+            facts.update(key=key.name, key_version=key.version, key_fingerprint=dialect.key_fingerprint(key))
         if envelope and envelope.key:
-            audit = replace(audit, key=envelope.key.name, key_version=envelope.key.version,
-                            key_fingerprint=envelope.key.sha256_b64)
+            facts.update(key=envelope.key.name, key_version=envelope.key.version,
+                         key_fingerprint=envelope.key.sha256_b64)
         translated, encryption, respond_as = translate_dialect(request, client_keys, dialect, operation, encryption, policy)
         if envelope:
             translated = translated.with_header_map(envelope.headers)
         if respond_as:
-            audit = replace(audit, translation=f"{respond_as.dialect}->{dialect.PROVIDER}")
+            facts["translation"] = f"{respond_as.dialect}->{dialect.PROVIDER}"
 
         def prepare(variant: Encryption):
             rendered, added = render_dialect(dialect, translated, variant)
@@ -146,11 +146,11 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
                    if encryption.key and operation.name in dialect.WRITE_OPERATIONS else None)
         if envelope and envelope.body:
             body = envelope.body  # OSS signs no body (signers.oss.body_resigner): nothing else transforms it
-        return Forward(attempts[0].request if attempts else signed, body, SECRET_HEADERS, audit, respond_as,
+        return Forward(attempts[0].request if attempts else signed, body, SECRET_HEADERS, Audit(**facts), respond_as,
                        attempts, written, read_check(keyed), envelope)
     except Refused as refused:
         content_type, body = dialect.error_body(refused.refusal.code, f"keycourier: {refused.refusal.message}")
-        return Refuse(refused.refusal, content_type, body, replace(audit, outcome="refused", reason=refused.refusal.reason))
+        return Refuse(refused.refusal, content_type, body, Audit(**facts, outcome="refused", reason=refused.refusal.reason))
 
 
 # Limits on what keycourier parses and re-signs (docs/security.md); providers allow less (docs/paths.md).

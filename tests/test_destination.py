@@ -22,6 +22,7 @@ ADDRESSES.refresh(POLICY)
     ("0177.0.0.1", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("[::ffff:127.0.0.1]", "127.0.0.1"), ("[::1]", "::1"),
     ("BUCKET.S3.AmazonAWS.com.", "bucket.s3.amazonaws.com"), ("minio.internal.", "minio.internal"),
     ("12345.example", "12345.example"), ("fe80::1%eth0", "fe80::1"),
+    ("X" * 300 + ".Example.", "x" * 300 + ".example"),  # longer than any DNS name: canonicalised, not remembered
 ])
 def test_every_spelling_has_one_canonical_form(spelling, canonical):
     assert canonical_host(spelling) == canonical

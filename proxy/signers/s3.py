@@ -253,7 +253,7 @@ def _parse_timestamp(amz_date: str) -> datetime:
     if not _TIMESTAMP.fullmatch(amz_date):
         raise SignatureError("malformed request date")
     try:
-        return datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(amz_date)  # ISO 8601 basic format, UTC: 20130524T000000Z
     except ValueError:
         raise SignatureError("malformed request date") from None
 
@@ -419,7 +419,7 @@ def canonical_headers(request: Request, names: Iterable[str]) -> str:
     repeated fields joined with ','."""
     lines = []
     for name in names:
-        values = [value for field, value in request.headers if field.lower() == name]
+        values = request.header_values(name)
         if not values:
             if name != "host":
                 raise SignatureError(f"signed header missing from the request: {name}")
@@ -456,12 +456,12 @@ def string_to_sign(amz_date: str, scope: str, canonical_request: str) -> str:
 def signing_key(secret_access_key: str, date: str, region: str, service: str) -> bytes:
     key = f"AWS4{secret_access_key}".encode()
     for part in (date, region, service, SCOPE_TERMINATOR):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        key = hmac.digest(key, part.encode(), "sha256")
     return key
 
 
 def signature(key: bytes, string_to_sign: str) -> str:
-    return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(key, string_to_sign.encode(), "sha256").hex()
 
 
 def chunk_string_to_sign(amz_date: str, scope: str, previous_signature: str, chunk_sha256: str) -> str:
