@@ -52,8 +52,8 @@ VAULT_SECONDS = Histogram("keycourier_vault_request_seconds", "Time of Vault rea
 KEY_CACHE = Counter("keycourier_key_cache", "Key and credential look-ups, by cache result", ["result"], registry=REGISTRY)
 UPSTREAM_SECONDS = Histogram("keycourier_upstream_seconds", "Time from request start to the upstream's answer",
                              ["provider"], buckets=TRANSFER_BUCKETS, registry=REGISTRY)
-BODY_BYTES = Counter("keycourier_body_bytes", "Body bytes streamed through keycourier", ["provider", "direction"],
-                     registry=REGISTRY)
+BODY_BYTES = Counter("keycourier_body_bytes", "Body bytes streamed through keycourier (counted a MiB at a time)",
+                     ["provider", "direction"], registry=REGISTRY)
 POLICY_RELOADS = Counter("keycourier_policy_reloads", "Policy file reloads, by outcome", ["outcome"], registry=REGISTRY)
 POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", registry=REGISTRY,
                      multiprocess_mode="livemax")
@@ -99,13 +99,22 @@ def record_policy(rules: int, reload_outcome: str | None) -> None:
         POLICY_LOADED.set_to_current_time()
 
 
+COUNT_EVERY_BYTES = 1024 * 1024  # body bytes reach the counter a MiB at a time: a counter update per chunk costs
+
+
 def counting(provider: str, direction: str, transform: Callable[[bytes], bytes] | None = None) -> Callable[[bytes], bytes]:
-    """A body stream callable that counts the bytes it passes on."""
+    """A body stream callable that counts the bytes it passes on (all of them once mitmproxy calls it with b"",
+    at the body's end)."""
     counter = child(BODY_BYTES, provider, direction)
+    uncounted = 0
 
     def count(data: bytes) -> bytes:
+        nonlocal uncounted
         out = transform(data) if transform else data
-        counter.inc(len(out))
+        uncounted += len(out)
+        if uncounted >= COUNT_EVERY_BYTES or not data:
+            counter.inc(uncounted)
+            uncounted = 0
         return out
 
     return count

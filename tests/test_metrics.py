@@ -31,12 +31,19 @@ def test_label_cardinality_stays_bounded_whatever_clients_send(policy):
     assert not any(bucket in exposition for bucket in buckets)
 
 
-def test_counting_passes_bytes_through_and_counts_them():
+def test_counting_passes_bytes_through_and_counts_them_a_mib_at_a_time_and_at_the_end():
     labels = {"provider": "s3", "direction": "upload"}
     before = metrics.REGISTRY.get_sample_value("keycourier_body_bytes_total", labels) or 0
+
+    def counted():
+        return metrics.REGISTRY.get_sample_value("keycourier_body_bytes_total", labels) - before
+
     count = metrics.counting("s3", "upload", lambda data: data * 2)
-    assert count(b"abc") == b"abcabc" and count(b"") == b""
-    assert metrics.REGISTRY.get_sample_value("keycourier_body_bytes_total", labels) - before == 6
+    assert count(b"abc") == b"abcabc" and counted() == 0
+    count(bytes(metrics.COUNT_EVERY_BYTES // 2))
+    assert counted() == 6 + metrics.COUNT_EVERY_BYTES
+    assert count(b"xy") == b"xyxy" and counted() == 6 + metrics.COUNT_EVERY_BYTES
+    assert count(b"") == b"" and counted() == 6 + metrics.COUNT_EVERY_BYTES + 4
 
 
 def test_translations_are_counted_by_dialect_pair():
