@@ -1,7 +1,8 @@
 """Measures keycourier side by side with plain mitmdump and with no proxy at all, in one run.
 
-    .venv/bin/python benchmarks/small_requests.py [--runs 3] [--seconds 5] [--clients 8] [--large-mib 256]
-                                                  [--keycourier-repo PATH] [--json FILE]
+    .venv/bin/python benchmarks/small_requests.py [--runs 3] [--seconds 5] [--clients 8] [--paced-rate 300]
+                                                  [--large-mib 256] [--workers N] [--keycourier-repo PATH]
+                                                  [--json FILE]
 
 Configurations: direct (client to upstream), mitmdump (this .venv's, streaming bodies as keycourier does:
 mitmdump_streaming.py), keycourier with a passthrough rule and keycourier with an encrypt rule (file key and
@@ -10,7 +11,10 @@ Small requests: signed GetObject of 1 KiB and PutObject of 4 KiB from concurrent
 one kept-alive connection (CONNECT through the proxy, as HTTPS_PROXY clients do; http.client and botocore's
 signer, lighter than requests or boto3, so that the proxy sets the pace), to the strict S3 test
 upstream (tests/upstreams/s3.py, which verifies every SigV4 signature): requests/s, latency, and the proxy's
-CPU per request (its whole process tree, from /proc).
+CPU per request (its whole process tree, from /proc). Flat out, client, upstream and proxy processes share the
+cores and preempt one another, which inflates CPU per request the more proxy processes there are; the paced
+GetObject measurement (--paced-rate requests/s in all) compares CPU per request at a load every configuration
+keeps up with.
 Large bodies: one streamed PUT and GET to a sink upstream: MiB/s, proxy CPU per GiB, proxy peak RSS.
 Everything runs on 127.0.0.1 over TLS. Every run measures each configuration in turn, in an order that
 rotates from run to run, so the machine's other load hits all alike; medians over runs are printed with
@@ -121,11 +125,12 @@ LARGE_BODY_COLUMNS = (
 class Bench:
     """The measurements, against the two upstreams."""
 
-    def __init__(self, s3: S3Upstream, sink: SinkUpstream, *, clients: int, seconds: float):
+    def __init__(self, s3: S3Upstream, sink: SinkUpstream, *, clients: int, seconds: float, paced_rate: float):
         self.s3 = s3
         self.sink = sink
         self.clients = clients
         self.seconds = seconds
+        self.paced_rate = paced_rate
         self.small_body = os.urandom(SMALL_PUT_SIZE)
 
     def measurements(self) -> list[tuple[str, str, tuple[Column, ...], Callable[[Configuration], dict]]]:
@@ -134,6 +139,8 @@ class Bench:
         return [
             ("get_1k", f"GetObject 1 KiB, {self.clients} clients", SMALL_REQUEST_COLUMNS, self.get_small),
             ("put_4k", f"PutObject 4 KiB, {self.clients} clients", SMALL_REQUEST_COLUMNS, self.put_small),
+            ("get_1k_paced", f"GetObject 1 KiB at {self.paced_rate:g} requests/s, {self.clients} clients",
+             SMALL_REQUEST_COLUMNS, self.get_small_paced),
             ("put_large", f"PUT {large}, streamed", LARGE_BODY_COLUMNS, self.put_large),
             ("get_large", f"GET {large}, streamed", LARGE_BODY_COLUMNS, self.get_large),
         ]
@@ -148,10 +155,15 @@ class Bench:
         with closing(configuration.connect(url)) as connection:
             exchange(connection, "PUT", url, os.urandom(SMALL_GET_SIZE))
 
-    def get_small(self, configuration: Configuration) -> dict:
+    def get_small(self, configuration: Configuration, rate: float | None = None) -> dict:
         url = self.small_url(configuration, "get-1k.bin")
         return self.measure_requests(configuration, url, lambda connection: exchange(
-            connection, "GET", url, expect=SMALL_GET_SIZE))
+            connection, "GET", url, expect=SMALL_GET_SIZE), rate)
+
+    def get_small_paced(self, configuration: Configuration) -> dict:
+        """At a load every configuration keeps up with: CPU per request without the cores being oversubscribed
+        (flat out, client, upstream and proxy processes preempt one another on a small machine)."""
+        return self.get_small(configuration, self.paced_rate)
 
     def put_small(self, configuration: Configuration) -> dict:
         url = self.small_url(configuration, "put-4k.bin")
@@ -159,8 +171,10 @@ class Bench:
             connection, "PUT", url, self.small_body))
 
     def measure_requests(self, configuration: Configuration, url: str,
-                         send: Callable[[HTTPSConnection], None]) -> dict:
-        """`clients` threads, each on its own kept-alive connection, `send` for `seconds`."""
+                         send: Callable[[HTTPSConnection], None], rate: float | None = None) -> dict:
+        """`clients` threads, each on its own kept-alive connection, `send` for `seconds`: as fast as they can,
+        or `rate` requests/s in all, evenly spaced."""
+        interval = self.clients / rate if rate else 0.0  # of each client
         stop = threading.Event()
         ready = threading.Barrier(self.clients + 1, timeout=TIMEOUT)
         latencies: list[list[float]] = [[] for _ in range(self.clients)]
@@ -171,7 +185,12 @@ class Bench:
                 with closing(configuration.connect(url)) as connection:
                     send(connection)  # the handshakes and the first request are not measured
                     ready.wait()
+                    due = time.perf_counter()
                     while not stop.is_set():
+                        if interval:
+                            due += interval
+                            if stop.wait(max(0.0, due - time.perf_counter())):
+                                break
                         sent = time.perf_counter()
                         send(connection)
                         own_latencies.append(time.perf_counter() - sent)
@@ -305,6 +324,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="per small-request measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent small-request clients")
+    parser.add_argument("--paced-rate", type=float, default=300.0,
+                        help="requests/s of the paced measurement (below what every configuration serves)")
     parser.add_argument("--large-mib", type=int, default=256, help="size of the large body")
     parser.add_argument("--keycourier-repo", type=Path, default=REPO,
                         help="checkout of keycourier to measure, run with its own .venv (default: this one)")
@@ -312,8 +333,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="also measure keycourier encrypt run with this many workers (keycourier run --workers)")
     args = parser.parse_args()
-    if min(args.runs, args.clients, args.large_mib) < 1 or args.seconds <= 0:
-        parser.error("--runs, --clients, --large-mib and --seconds must be positive")
+    if min(args.runs, args.clients, args.large_mib) < 1 or min(args.seconds, args.paced_rate) <= 0:
+        parser.error("--runs, --clients, --large-mib, --seconds and --paced-rate must be positive")
     keycourier_repo = args.keycourier_repo.resolve()
     if not (keycourier_repo / ".venv" / "bin" / "python").exists():
         parser.error(f"{keycourier_repo} has no .venv/bin/python (run its scripts/setup.sh)")
@@ -330,7 +351,7 @@ def main() -> None:
         s3.create_bucket("bench")
         sink = cleanup.enter_context(SinkUpstream(ca, args.large_mib * PIECE))
         configurations = start_configurations(cleanup, work, ca, s3, sink, keycourier_repo, args.workers)
-        bench = Bench(s3, sink, clients=args.clients, seconds=args.seconds)
+        bench = Bench(s3, sink, clients=args.clients, seconds=args.seconds, paced_rate=args.paced_rate)
         for configuration in configurations:
             bench.seed(configuration)
 
