@@ -140,6 +140,23 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def threads(pid: int) -> list[int]:
+    """Every thread of the process tree of `pid`."""
+    return [int(task.name) for member in process_tree(pid) for task in Path(f"/proc/{member}/task").glob("*")]
+
+
+def preemptions(pid: int) -> int:
+    """Involuntary context switches of every thread of the process tree: how often the kernel took a core away
+    from it while it had work (on a small machine, for the client, the upstream or another proxy process)."""
+    total = 0
+    for thread in threads(pid):
+        with contextlib.suppress(OSError):  # a thread that ended while we looked
+            for line in Path(f"/proc/{thread}/status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) summed over the process tree."""
     totals = {"VmRSS": 0, "VmHWM": 0}

@@ -1,8 +1,8 @@
 """Measures keycourier side by side with plain mitmdump and with no proxy at all, in one run.
 
     .venv/bin/python benchmarks/small_requests.py [--runs 3] [--seconds 5] [--clients 8] [--paced-rate 300]
-                                                  [--large-mib 256] [--workers N] [--keycourier-repo PATH]
-                                                  [--json FILE]
+                                                  [--large-mib 256] [--workers N] [--pin]
+                                                  [--keycourier-repo PATH] [--json FILE]
 
 Configurations: direct (client to upstream), mitmdump (this .venv's, streaming bodies as keycourier does:
 mitmdump_streaming.py), keycourier with a passthrough rule and keycourier with an encrypt rule (file key and
@@ -12,9 +12,10 @@ one kept-alive connection (CONNECT through the proxy, as HTTPS_PROXY clients do;
 signer, lighter than requests or boto3, so that the proxy sets the pace), to the strict S3 test
 upstream (tests/upstreams/s3.py, which verifies every SigV4 signature): requests/s, latency, and the proxy's
 CPU per request (its whole process tree, from /proc). Flat out, client, upstream and proxy processes share the
-cores and preempt one another, which inflates CPU per request the more proxy processes there are; the paced
-GetObject measurement (--paced-rate requests/s in all) compares CPU per request at a load every configuration
-keeps up with.
+cores and preempt one another (preempted/req: the proxy's involuntary context switches per request), which
+inflates CPU per request the more proxy processes there are; the paced GetObject measurement (--paced-rate
+requests/s in all) compares CPU per request at a load every configuration keeps up with, and --pin keeps the
+clients and upstreams on one core and the proxies on the others.
 Large bodies: one streamed PUT and GET to a sink upstream: MiB/s, proxy CPU per GiB, proxy peak RSS.
 Everything runs on 127.0.0.1 over TLS. Every run measures each configuration in turn, in an order that
 rotates from run to run, so the machine's other load hits all alike; medians over runs are printed with
@@ -45,7 +46,8 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (ACCESS_KEY, PIECE, SECRET, NoDelayS3Upstream, SinkUpstream, Upload,  # noqa: E402
-                               cpu_seconds, memory_kib, policy, reset_peak_memory, signed_headers,
+                               cpu_seconds, memory_kib, policy, preemptions, reset_peak_memory, signed_headers,
+                               threads,
                                write_key_and_credentials)
 from tests.conftest import REPO, Keycourier, ProxyProcess, free_port  # noqa: E402
 from tests.upstreams.s3 import S3Upstream  # noqa: E402
@@ -74,6 +76,9 @@ class Configuration:
 
     def cpu_seconds(self) -> float | None:
         return cpu_seconds(self.proxy.process.pid) if self.proxy else None
+
+    def preemptions(self) -> int | None:
+        return preemptions(self.proxy.process.pid) if self.proxy else None
 
     def reset_peak_memory(self) -> None:
         if self.proxy:
@@ -114,6 +119,7 @@ SMALL_REQUEST_COLUMNS = (
     Column("p50 ms", "p50_ms", "{:.1f}"),
     Column("p99 ms", "p99_ms", "{:.1f}"),
     Column("CPU ms/req", "cpu_ms_per_request", "{:.2f}", spread=True, versus_mitmdump=True),
+    Column("preempted/req", "preemptions_per_request", "{:.2f}"),
 )
 LARGE_BODY_COLUMNS = (
     Column("MiB/s", "mib_per_second", "{:.0f}", spread=True, versus_mitmdump=True),
@@ -204,6 +210,7 @@ class Bench:
         try:
             ready.wait()
             cpu_before, started = configuration.cpu_seconds(), time.monotonic()
+            preempted_before = configuration.preemptions()
             stop.wait(self.seconds)
         finally:
             stop.set()
@@ -213,14 +220,15 @@ class Bench:
             if failures:
                 raise failures[0]
         elapsed = time.monotonic() - started
-        cpu_after = configuration.cpu_seconds()
+        cpu_after, preempted_after = configuration.cpu_seconds(), configuration.preemptions()
         every = [latency * 1000 for own in latencies for latency in own]
         percentiles = statistics.quantiles(every, n=100)
         return {"requests": len(every),
                 "requests_per_second": len(every) / elapsed,
                 "p50_ms": percentiles[49],
                 "p99_ms": percentiles[98],
-                "cpu_ms_per_request": None if cpu_before is None else (cpu_after - cpu_before) * 1000 / len(every)}
+                "cpu_ms_per_request": None if cpu_before is None else (cpu_after - cpu_before) * 1000 / len(every),
+                "preemptions_per_request": None if cpu_before is None else (preempted_after - preempted_before) / len(every)}
 
     def put_large(self, configuration: Configuration) -> dict:
         return self.measure_large(configuration, lambda connection, url: exchange(
@@ -274,6 +282,24 @@ def start_configurations(cleanup: ExitStack, work: Path, ca: trustme.CA, s3: S3U
     tls.load_verify_locations(keycouriers["encrypt"].ca_cert)
     return [Configuration("direct", None, tls), Configuration("mitmdump", mitmdump, tls),
             *(Configuration(name, proxy, tls) for name, proxy in keycouriers.items())]
+
+
+def pin(configurations: list[Configuration]) -> None:
+    """--pin: this process's threads (the clients and the upstreams) on the first core, every proxy's on the others,
+    so that no proxy competes with them for a core; a worker pool's every worker must be running first."""
+    cores = sorted(os.sched_getaffinity(0))
+    deadline = time.monotonic() + TIMEOUT
+    for configuration in configurations:
+        if isinstance(configuration.proxy, Keycourier):
+            while configuration.proxy.scrape("/readyz")[0] != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{configuration.name} not ready: {configuration.proxy.scrape('/readyz')[1]}")
+                time.sleep(0.1)
+        if configuration.proxy:
+            for thread in threads(configuration.proxy.process.pid):
+                os.sched_setaffinity(thread, cores[1:])
+    for thread in threads(os.getpid()):
+        os.sched_setaffinity(thread, cores[:1])
 
 
 def summarize(samples: dict[str, list[dict]], columns: tuple[Column, ...]) -> dict[str, dict[str, dict]]:
@@ -330,18 +356,23 @@ def main() -> None:
     parser.add_argument("--keycourier-repo", type=Path, default=REPO,
                         help="checkout of keycourier to measure, run with its own .venv (default: this one)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--pin", action="store_true",
+                        help="clients and upstreams on the first core, the proxies on the others (2 cores or more)")
     parser.add_argument("--workers", type=int, default=1,
                         help="also measure keycourier encrypt run with this many workers (keycourier run --workers)")
     args = parser.parse_args()
     if min(args.runs, args.clients, args.large_mib) < 1 or min(args.seconds, args.paced_rate) <= 0:
         parser.error("--runs, --clients, --large-mib, --seconds and --paced-rate must be positive")
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least 2 cores")
     keycourier_repo = args.keycourier_repo.resolve()
     if not (keycourier_repo / ".venv" / "bin" / "python").exists():
         parser.error(f"{keycourier_repo} has no .venv/bin/python (run its scripts/setup.sh)")
     commit = subprocess.run(["git", "-C", str(keycourier_repo), "log", "-1", "--format=%h"],
                             capture_output=True, text=True).stdout.strip()
     print(f"keycourier {keycourier_repo} ({commit or 'no git commit'}), mitmproxy {version('mitmproxy')}; "
-          f"{args.runs} runs, {args.seconds:g} s per small-request measurement, {os.cpu_count()} cores", flush=True)
+          f"{args.runs} runs, {args.seconds:g} s per small-request measurement, {os.cpu_count()} cores"
+          f"{' (pinned: clients and upstreams on the first, proxies on the others)' if args.pin else ''}", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
     with ExitStack() as cleanup:
@@ -351,6 +382,8 @@ def main() -> None:
         s3.create_bucket("bench")
         sink = cleanup.enter_context(SinkUpstream(ca, args.large_mib * PIECE))
         configurations = start_configurations(cleanup, work, ca, s3, sink, keycourier_repo, args.workers)
+        if args.pin:
+            pin(configurations)
         bench = Bench(s3, sink, clients=args.clients, seconds=args.seconds, paced_rate=args.paced_rate)
         for configuration in configurations:
             bench.seed(configuration)
