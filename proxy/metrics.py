@@ -60,11 +60,6 @@ POLICY_RULES = Gauge("keycourier_policy_rules", "Rules in the policy in force", 
 POLICY_LOADED = Gauge("keycourier_policy_loaded_timestamp_seconds", "When the policy in force was loaded",
                       registry=REGISTRY, multiprocess_mode="livemin")
 
-for _counter, _values in ((REFUSALS, REASONS), (VAULT_REQUESTS, VAULT_OUTCOMES), (KEY_CACHE, KEY_CACHE_RESULTS),
-                          (POLICY_RELOADS, RELOAD_OUTCOMES), (CONNECTIONS_CLOSED, CLOSED_REASONS)):
-    for _value in _values:
-        _counter.labels(_value)
-
 NONE = "none"
 _children: dict[tuple, object] = {}
 
@@ -77,6 +72,13 @@ def child(metric, *values: str):
     except KeyError:
         found = _children[metric, values] = metric.labels(*values)
         return found
+
+
+# The series of the label values above, at 0 from the start.
+for _counter, _values in ((REFUSALS, REASONS), (VAULT_REQUESTS, VAULT_OUTCOMES), (KEY_CACHE, KEY_CACHE_RESULTS),
+                          (POLICY_RELOADS, RELOAD_OUTCOMES), (CONNECTIONS_CLOSED, CLOSED_REASONS)):
+    for _value in _values:
+        child(_counter, _value)
 
 
 def record_decision(audit) -> None:

@@ -132,10 +132,11 @@ def handle_request(request: Request, *, client_tls: bool, destination: Destinati
         if respond_as:
             facts["translation"] = f"{respond_as.dialect}->{dialect.PROVIDER}"
 
+        signed_at, region = now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region)
+
         def prepare(variant: Encryption):
             rendered, added = render_dialect(dialect, translated, variant)
-            return re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets,
-                           now or datetime.now(timezone.utc), dialect.signing_region(request, endpoint.region))
+            return re_sign(SIGNERS[endpoint.provider], request, rendered, added, policy, secrets, signed_at, region)
 
         signed, body = prepare(encryption)
         keyed = keyed_object(dialect, operation, rule, source_rule, encryption)

@@ -64,14 +64,11 @@ class KeyScrubber:
     def headers(self, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """Headers whose name or value holds a key get the value REDACTED."""
         headers = list(headers)
-        every = "\n".join(f"{name}: {value}" for name, value in headers).encode("utf-8", "surrogateescape")
+        lines = [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in headers]
+        every = b"\n".join(lines)
         if not any(spelling in every for spelling in self._spellings):
             return headers  # the usual answer: one look at all of it, not one per header
-        scrubbed = []
-        for name, value in headers:
-            text = f"{name}: {value}".encode("utf-8", "surrogateescape")
-            scrubbed.append((name, REDACTED if self.scrub(text) != text else value))
-        return scrubbed
+        return [(name, REDACTED if self.scrub(line) != line else value) for (name, value), line in zip(headers, lines)]
 
     def stream(self) -> Callable[[bytes], bytes]:
         """A stream transform (mitmproxy calls it per chunk, then with b"" at the end) that holds back
