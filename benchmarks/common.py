@@ -16,6 +16,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from tests.conftest import process_tree
 from tests.upstreams.s3 import S3Upstream
 from tests.upstreams.server import ResponseWriter, TestServer
 
@@ -115,19 +116,6 @@ keys: {{bench: {{file: {work}/bench.key}}}}
 credentials: {{app: {{file: {work}/app.yaml}}}}
 rules:
 """ + "".join(f"  - {rule}\n" for rule in rules)
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (the kernel here has no /proc/PID/task/TID/children)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):  # a process that ended while we looked
-            fields = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree = [pid]
-    for member in tree:
-        tree += children.get(member, [])
-    return tree
 
 
 def cpu_seconds(pid: int) -> float:

@@ -288,13 +288,9 @@ def pin(configurations: list[Configuration]) -> None:
     """--pin: this process's threads (the clients and the upstreams) on the first core, every proxy's on the others,
     so that no proxy competes with them for a core; a worker pool's every worker must be running first."""
     cores = sorted(os.sched_getaffinity(0))
-    deadline = time.monotonic() + TIMEOUT
     for configuration in configurations:
         if isinstance(configuration.proxy, Keycourier):
-            while configuration.proxy.scrape("/readyz")[0] != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{configuration.name} not ready: {configuration.proxy.scrape('/readyz')[1]}")
-                time.sleep(0.1)
+            configuration.proxy.wait_ready(TIMEOUT)
         if configuration.proxy:
             for thread in threads(configuration.proxy.process.pid):
                 os.sched_setaffinity(thread, cores[1:])

@@ -1,6 +1,7 @@
 """Shared fixtures: a test CA, and the real keycourier process started from the CLI."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -45,6 +46,19 @@ def stop_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the kernel here has no /proc/PID/task/TID/children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended while we looked
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree = [pid]
+    for member in tree:
+        tree += children.get(member, [])
+    return tree
 
 
 def free_port() -> int:
@@ -125,6 +139,14 @@ class Keycourier(ProxyProcess):
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        """Until /readyz answers 200 (with --workers: every worker is running)."""
+        deadline = time.monotonic() + timeout
+        while (answer := self.scrape("/readyz"))[0] != 200:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"keycourier not ready: {answer[1]}")
+            time.sleep(0.1)
 
     def wait_for_log(self, text: str, timeout: float = 10, occurrences: int = 1) -> None:
         deadline = time.monotonic() + timeout

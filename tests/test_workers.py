@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Keycourier
+from tests.conftest import Keycourier, process_tree
 from tests.test_adversarial import Tunnel, request_bytes
 from tests.test_pipeline import ACCESS_KEY, SECRET
 from tests.upstreams.s3 import S3Upstream
@@ -48,27 +48,8 @@ def requests_total(proxy) -> float:
                for sample in family.samples if sample.name == "keycourier_requests_total")
 
 
-def worker_pids(proxy) -> list[int]:
-    """The supervisor's children (from /proc: ppid is the 4th field of stat)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == proxy.process.pid:
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            pass
-    return pids
-
-
-def wait_ready(proxy, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while proxy.scrape("/readyz")[0] != 200:
-        assert time.monotonic() < deadline, proxy.scrape("/readyz")[1]
-        time.sleep(0.2)
-
-
 def test_workers_share_the_port_and_their_metrics(workers, s3):
-    wait_ready(workers)
+    workers.wait_ready()
     before = requests_total(workers)
     for n in range(12):  # a new connection each: the kernel spreads them over the workers
         wire = request_bytes("PUT", f"/enc-w/spread-{n}", host="127.0.0.1", port=s3.port, body=b"w")
@@ -79,16 +60,16 @@ def test_workers_share_the_port_and_their_metrics(workers, s3):
 
 
 def test_a_dead_worker_is_started_again_and_sigterm_stops_all(workers, s3):
-    wait_ready(workers)
-    children = worker_pids(workers)
+    workers.wait_ready()
+    children = process_tree(workers.process.pid)[1:]
     assert len(children) == 2
     os.kill(children[0], signal.SIGKILL)
     time.sleep(0.5)
     assert workers.scrape("/readyz")[0] == 503
-    wait_ready(workers)
+    workers.wait_ready()
     wire = request_bytes("PUT", "/enc-w/after-restart", host="127.0.0.1", port=s3.port, body=b"w")
     assert Tunnel(workers, "127.0.0.1", s3.port).send(wire).response()[0] == 200
-    children = worker_pids(workers)
+    children = process_tree(workers.process.pid)[1:]
     workers.process.send_signal(signal.SIGTERM)
     assert workers.process.wait(30) == 0
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]  # no worker left behind
